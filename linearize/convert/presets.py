@@ -1,0 +1,25 @@
+"""Named attention variants: each is a preset of ``LinearAttentionOptions`` fields."""
+
+from __future__ import annotations
+
+from linearize.hf.configuration_linearized import LinearAttentionOptions
+
+# The window variants start with a small linear share so that the untrained model is close to
+# "softmax over the window plus sinks", the best model available without training (DESIGN.md §9).
+WINDOW = {"window": 64, "sink_tokens": 4, "init_gamma": 0.1}
+
+ATTENTION_PRESETS: dict[str, dict] = {
+    "hedgehog": {"feature_map": "hedgehog"},
+    "based": {"feature_map": "based", "feature_dim": 16},
+    "window_hedgehog": {"feature_map": "hedgehog", **WINDOW},
+    "window_based": {"feature_map": "based", "feature_dim": 16, **WINDOW},
+    "jrt": {"feature_map": "hedgehog", "jrt": True},
+}
+
+
+def attention_options(attention: str, **overrides) -> LinearAttentionOptions:
+    """The preset ``attention`` with ``overrides`` applied; raises ValueError naming bad fields."""
+    if attention not in ATTENTION_PRESETS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTION_PRESETS)}")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return LinearAttentionOptions.from_dict({**ATTENTION_PRESETS[attention], **given, "attention": attention})

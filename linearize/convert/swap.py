@@ -1,0 +1,80 @@
+"""Turn a loaded teacher into its linearized class in place (module surgery, in one place)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+
+from linearize.convert.presets import attention_options
+from linearize.hf.modeling_linearized import (
+    LinearizedCausalLMMixin,
+    LinearizedGPT2LMHeadModel,
+    LinearizedLlamaForCausalLM,
+    LinearizedMistralForCausalLM,
+    LinearizedQwen2ForCausalLM,
+)
+
+# Exact classes only: a subclass may change attention in ways the swap does not know about.
+SUPPORTED_ARCHITECTURES: dict[type[PreTrainedModel], type[LinearizedCausalLMMixin]] = {
+    LlamaForCausalLM: LinearizedLlamaForCausalLM,
+    MistralForCausalLM: LinearizedMistralForCausalLM,
+    Qwen2ForCausalLM: LinearizedQwen2ForCausalLM,
+    GPT2LMHeadModel: LinearizedGPT2LMHeadModel,
+}
+
+# Attention submodules the swap knows how to reproduce; anything else (q/k norms, cross-attention
+# projections) means the math would silently change.
+KNOWN_ATTENTION_CHILDREN = {
+    "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "attn": {"c_attn", "c_proj", "attn_dropout", "resid_dropout"},
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot be linearized; the message lists the supported ones."""
+
+
+def _check_supported(model: PreTrainedModel) -> type[LinearizedCausalLMMixin]:
+    target = SUPPORTED_ARCHITECTURES.get(type(model))
+    if target is None:
+        names = ", ".join(sorted(cls.__name__ for cls in SUPPORTED_ARCHITECTURES))
+        raise UnsupportedModelError(f"cannot linearize {type(model).__name__}; supported architectures: {names}")
+    config = model.config
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+        raise UnsupportedModelError(
+            "GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
+        )
+    for layer in target.decoder_layers(model):
+        attention = getattr(layer, target.attention_attr)
+        children = {name for name, _ in attention.named_children()}
+        extra = children - KNOWN_ATTENTION_CHILDREN[target.attention_attr]
+        if extra:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} attention has extra modules {sorted(extra)} that linear attention would "
+                "ignore; this variant of the architecture is not supported"
+            )
+    return target
+
+
+def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: int = 0, **options) -> PreTrainedModel:
+    """Swap the attention of ``model`` for linear attention, in place, and return it.
+
+    Args:
+        model: a loaded ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``GPT2LMHeadModel``.
+        attention: a name from ``ATTENTION_PRESETS``.
+        seed: seeds the random initialisation of new parameters (Based projections).
+        **options: ``LinearAttentionOptions`` fields overriding the preset, e.g. ``window=32``,
+            ``softmax_layers=[0, 5]``.
+    """
+    target = _check_supported(model)
+    resolved = attention_options(attention, **options)
+    parameter = next(model.parameters())
+    config = model.config
+    config.__class__ = target.config_class  # same fields, own model_type
+    config.linear_attention = resolved.to_dict()
+    model.__class__ = target
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.swap_attention()
+    return model.to(device=parameter.device, dtype=parameter.dtype)

@@ -1,0 +1,111 @@
+"""Configurations of linearized models: the teacher's config plus one ``linear_attention`` dict.
+
+Every field of that dict is documented on :class:`LinearAttentionOptions`, which also validates
+it. The config classes only give each family its own ``model_type`` so exports load through
+``auto_map`` (or through ``import linearize``, which registers them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+FEATURE_MAP_NAMES = ("hedgehog", "based")
+
+
+@dataclass
+class LinearAttentionOptions:
+    """How the attention layers of a linearized model compute.
+
+    Attributes:
+        attention: the variant's name, e.g. ``"window_hedgehog"`` (informational; the fields below
+            decide the math).
+        feature_map: ``"hedgehog"`` (learned, identity-initialised, 2 * feature_dim features) or
+            ``"based"`` (learned projection to ``feature_dim`` then the 2nd-order Taylor map).
+        feature_dim: hedgehog: width e of each softmax half (default head_dim); based: d_f (16).
+        window: softmax keys per query, counting the query itself; 0 = no softmax part.
+        sink_tokens: the first n tokens of a sequence stay in every query's softmax part.
+        init_gamma: initial share of the linear part, gamma = sigmoid(logit), in (0, 1); only used
+            when there is a softmax part (window or sinks).
+        jrt: JRT-RNN prefix encoder (separate key/value projections initialised from k/v).
+        jrt_prefix_length: how many leading tokens of a sequence the JRT encoder reads when a call
+            starts a sequence and passes no ``jrt_prefix_length``; 0 = none. ``generate`` always
+            uses the whole prompt.
+        softmax_layers: layer indices kept as the teacher's softmax attention.
+        chunk_size: tokens per chunk in the chunked form (memory/speed trade-off, not the math).
+        eps: added to the normaliser.
+    """
+
+    attention: str = "hedgehog"
+    feature_map: str = "hedgehog"
+    feature_dim: int | None = None
+    window: int = 0
+    sink_tokens: int = 0
+    init_gamma: float = 0.5
+    jrt: bool = False
+    jrt_prefix_length: int = 0
+    softmax_layers: list[int] = field(default_factory=list)
+    chunk_size: int = 128
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.feature_map not in FEATURE_MAP_NAMES:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAP_NAMES}, got {self.feature_map!r}")
+        checks = [
+            ("feature_dim", self.feature_dim is None or self.feature_dim >= 1, "a positive integer or null"),
+            ("window", self.window >= 0, "an integer >= 0"),
+            ("sink_tokens", self.sink_tokens >= 0, "an integer >= 0"),
+            ("init_gamma", 0.0 < self.init_gamma < 1.0, "a number strictly between 0 and 1"),
+            ("jrt_prefix_length", self.jrt_prefix_length >= 0, "an integer >= 0"),
+            ("chunk_size", self.chunk_size >= 1, "an integer >= 1"),
+            ("eps", self.eps > 0, "a positive number"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"linear attention option {name!r} must be {expected}, got {getattr(self, name)!r}")
+        self.softmax_layers = sorted({int(i) for i in self.softmax_layers})
+
+    @property
+    def has_softmax_part(self) -> bool:
+        return self.window > 0 or self.sink_tokens > 0
+
+    @classmethod
+    def from_dict(cls, options: dict) -> LinearAttentionOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown linear attention option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_attention_options(config) -> LinearAttentionOptions:
+    """The validated options stored in ``config.linear_attention``."""
+    return LinearAttentionOptions.from_dict(dict(getattr(config, "linear_attention", None) or {}))
+
+
+class LinearizedLlamaConfig(LlamaConfig):
+    """``LlamaConfig`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
+
+    model_type = "linearized_llama"
+
+
+class LinearizedMistralConfig(MistralConfig):
+    """``MistralConfig`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
+
+    model_type = "linearized_mistral"
+
+
+class LinearizedQwen2Config(Qwen2Config):
+    """``Qwen2Config`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
+
+    model_type = "linearized_qwen2"
+
+
+class LinearizedGPT2Config(GPT2Config):
+    """``GPT2Config`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
+
+    model_type = "linearized_gpt2"

@@ -1,0 +1,349 @@
+"""Linearized causal LMs: the teacher's architecture with linear attention in chosen layers.
+
+Each family (Llama, Mistral, Qwen2, GPT-2) keeps its own ``transformers`` classes; only the attention
+module of each converted layer is replaced. The replacement reuses the teacher's projections as
+they are (same parameter names, so checkpoints line up) and adds per-head feature maps, a mix
+factor when there is a softmax window, and JRT's encoder projections when asked for.
+
+This file, with its single-dot siblings, is copied into every export, so it must not import
+``linearize`` except inside a try-block: the package only adds faster kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.pytorch_utils import Conv1D
+
+from .attention_math import RecurrentState, hybrid_attention_chunked, prefix_state, token_positions
+from .configuration_linearized import (
+    LinearAttentionOptions,
+    LinearizedGPT2Config,
+    LinearizedLlamaConfig,
+    LinearizedMistralConfig,
+    LinearizedQwen2Config,
+    linear_attention_options,
+)
+from .feature_maps import FEATURE_MAPS
+from .linearized_cache import LinearizedCache, RecurrentStateLayer
+
+try:  # fused kernels and device dispatch, when the linearize package is installed
+    from linearize.kernels import hybrid_attention as _hybrid_attention
+except ImportError:  # an export loaded without linearize: the exact PyTorch math
+    _hybrid_attention = hybrid_attention_chunked
+
+
+def new_token_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """[B, T] bool, False for padding among the T new tokens, read off the mask the model built.
+
+    The last query's row of a causal mask allows exactly the non-padding keys, and the new tokens
+    are the last T keys.
+    """
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            "linearized attention reads padding from a tensor mask; load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    row = attention_mask[:, 0, -1, -length:] if attention_mask.dim() == 4 else attention_mask[:, -length:]
+    if row.dtype == torch.bool:
+        return row
+    if row.is_floating_point():
+        return row > torch.finfo(row.dtype).min / 2
+    return row != 0
+
+
+class LinearAttentionCore(nn.Module):
+    """Feature maps, mix factor and the attention math shared by every family.
+
+    Takes queries/keys/values already projected, rotated and repeated for GQA.
+    """
+
+    def __init__(self, options: LinearAttentionOptions, num_heads: int, head_dim: int, scaling: float):
+        super().__init__()
+        feature_map = FEATURE_MAPS[options.feature_map]
+        self.feature_map_q = feature_map(num_heads, head_dim, options.feature_dim)
+        self.feature_map_k = feature_map(num_heads, head_dim, options.feature_dim)
+        if options.has_softmax_part:
+            logit = math.log(options.init_gamma / (1 - options.init_gamma))
+            self.mix_logit = nn.Parameter(torch.full((num_heads,), logit))
+        self.options = options
+        self.num_heads = num_heads
+        self.scaling = scaling
+
+    def gamma(self, device: torch.device) -> torch.Tensor:
+        """Per-head share of the linear part, [H]; 1 when there is no softmax part."""
+        if self.options.has_softmax_part:
+            return torch.sigmoid(self.mix_logit)
+        return torch.ones(self.num_heads, device=device)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        cache_layer: RecurrentStateLayer | None,
+        encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix_length: int = 0,
+    ) -> torch.Tensor:
+        """q, k [B, H, T, d], v [B, H, T, D] -> [B, H, T, D] in q's dtype.
+
+        Continues from ``cache_layer``'s state when it has one and stores the new state there.
+        ``encoder_kv`` (JRT) are the encoder keys/values of these tokens; when this call starts a
+        sequence, the first ``prefix_length`` of them form the initial state.
+        """
+        batch, _, length, _ = q.shape
+        valid = new_token_validity(attention_mask, batch, length, q.device)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        state = cache_layer.state if cache_layer is not None else None
+        if state is None and encoder_kv is not None and prefix_length > 0:
+            k_enc, v_enc = encoder_kv
+            in_prefix = valid & (token_positions(valid) < prefix_length)
+            S, z = prefix_state(self.feature_map_k(k_enc), v_enc, in_prefix)
+            state = RecurrentState.empty(q, v, fq).with_prefix(S, z)
+        options = self.options
+        out, state = _hybrid_attention(
+            q, k, v, fq, fk, self.gamma(q.device), state, window=options.window, sinks=options.sink_tokens,
+            scaling=self.scaling, valid=valid, chunk_size=options.chunk_size, eps=options.eps,
+        )
+        if cache_layer is not None:
+            cache_layer.set_state(state, length)
+        return out.to(q.dtype)
+
+
+def _layer_cache(cache, layer_idx: int) -> RecurrentStateLayer | None:
+    return cache.layers[layer_idx] if cache is not None else None
+
+
+class LinearizedLlamaAttention(nn.Module):
+    """Llama-family attention (also Mistral, Qwen2) computed as linear attention.
+
+    Reuses ``base``'s q/k/v/o projections; RoPE is applied to queries and keys as in the teacher.
+    """
+
+    def __init__(self, base: nn.Module, config, layer_idx: int):
+        super().__init__()
+        options = linear_attention_options(config)
+        self.layer_idx = layer_idx
+        self.head_dim = base.head_dim
+        self.num_key_value_groups = base.num_key_value_groups
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.core = LinearAttentionCore(options, config.num_attention_heads, base.head_dim, base.scaling)
+        if options.jrt:
+            # JRT-RNN's encoder projections start as copies of the decoder's.
+            self.k_enc_proj = copy.deepcopy(base.k_proj)
+            self.v_enc_proj = copy.deepcopy(base.v_proj)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)  # [B, T, H*d] -> [B, H, T, d]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        jrt_prefix_length: int = 0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(
+            self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states)), cos, sin
+        )
+        v = self._heads(self.v_proj(hidden_states))
+        encoder_kv = None
+        if hasattr(self, "k_enc_proj"):
+            k_enc, _ = apply_rotary_pos_emb(self._heads(self.k_enc_proj(hidden_states)), k, cos, sin)
+            encoder_kv = (
+                repeat_kv(k_enc, self.num_key_value_groups),
+                repeat_kv(self._heads(self.v_enc_proj(hidden_states)), self.num_key_value_groups),
+            )
+        out = self.core(
+            q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups),
+            attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
+            encoder_kv=encoder_kv, prefix_length=jrt_prefix_length,
+        )
+        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
+        return self.o_proj(out), None
+
+
+class LinearizedGPT2Attention(nn.Module):
+    """GPT-2 attention computed as linear attention; reuses the fused ``c_attn`` and ``c_proj``."""
+
+    def __init__(self, base: nn.Module, config, layer_idx: int):
+        super().__init__()
+        if base.is_cross_attention:
+            raise ValueError("GPT-2 cross-attention layers cannot be linearized")
+        options = linear_attention_options(config)
+        self.layer_idx = layer_idx
+        self.head_dim = base.head_dim
+        self.split_size = base.split_size
+        self.c_attn, self.c_proj, self.resid_dropout = base.c_attn, base.c_proj, base.resid_dropout
+        self.core = LinearAttentionCore(options, base.num_heads, base.head_dim, base.scaling)
+        if options.jrt:
+            # JRT-RNN's encoder key/value projection starts as the key/value columns of c_attn.
+            self.c_attn_enc = Conv1D(2 * base.split_size, base.embed_dim)
+            with torch.no_grad():
+                self.c_attn_enc.weight.copy_(base.c_attn.weight[:, base.split_size:])
+                self.c_attn_enc.bias.copy_(base.c_attn.bias[base.split_size:])
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)  # [B, T, H*d] -> [B, H, T, d]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        jrt_prefix_length: int = 0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        q, k, v = (self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
+        encoder_kv = None
+        if hasattr(self, "c_attn_enc"):
+            encoder_kv = tuple(self._heads(x) for x in self.c_attn_enc(hidden_states).split(self.split_size, dim=2))
+        out = self.core(
+            q, k, v, attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
+            encoder_kv=encoder_kv, prefix_length=jrt_prefix_length,
+        )
+        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
+        return self.resid_dropout(self.c_proj(out)), None
+
+
+class LinearizedCausalLMMixin:
+    """What every linearized causal LM adds to its teacher's class.
+
+    Family mixins set ``attention_attr`` (the attribute of a decoder layer holding attention) and
+    ``linear_attention_class``, define ``decoder_layers()``, and define ``forward`` with the
+    teacher's explicit signature (``generate`` checks its keyword arguments against it).
+    """
+
+    attention_attr: str
+    linear_attention_class: type[nn.Module]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.swap_attention()
+
+    @property
+    def linear_attention_options(self) -> LinearAttentionOptions:
+        return linear_attention_options(self.config)
+
+    def swap_attention(self) -> None:
+        """Replace the attention of every layer not listed in ``softmax_layers``."""
+        layers = self.decoder_layers()
+        softmax_layers = self.linear_attention_options.softmax_layers
+        out_of_range = [i for i in softmax_layers if not 0 <= i < len(layers)]
+        if out_of_range:
+            raise ValueError(
+                f"softmax_layers {out_of_range} are out of range: the model has layers 0..{len(layers) - 1}"
+            )
+        for index, layer in enumerate(layers):
+            if index not in softmax_layers:
+                base = getattr(layer, self.attention_attr)
+                setattr(layer, self.attention_attr, self.linear_attention_class(base, self.config, index))
+
+    def new_cache(self) -> LinearizedCache:
+        """An empty generation cache: recurrent states for linear layers, KV for softmax layers."""
+        return LinearizedCache(len(self.decoder_layers()), self.linear_attention_options.softmax_layers)
+
+    def _own_cache(self, cache, use_cache: bool | None, kwargs: dict):
+        """The cache to run with: ours, replacing the empty DynamicCache that generate() creates."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, LinearizedCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"a linearized model needs its own cache; got a filled {type(cache).__name__}. "
+                    "Pass cache=None (or model.new_cache()) when starting a sequence."
+                )
+            cache = None
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        return cache, use_cache
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get("cache")
+        starting = cache is None or cache.get_seq_length() == 0
+        if self.linear_attention_options.jrt and starting and "jrt_prefix_length" not in kwargs:
+            inputs["jrt_prefix_length"] = input_ids.shape[1]  # JRT reads the whole prompt
+        return inputs
+
+
+class LlamaFamilyMixin(LinearizedCausalLMMixin):
+    """Llama, Mistral and Qwen2 share the attention layout and the causal-LM signature."""
+
+    attention_attr = "self_attn"
+    linear_attention_class = LinearizedLlamaAttention
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+class LinearizedLlamaForCausalLM(LlamaFamilyMixin, LlamaForCausalLM):
+    config_class = LinearizedLlamaConfig
+
+
+class LinearizedMistralForCausalLM(LlamaFamilyMixin, MistralForCausalLM):
+    config_class = LinearizedMistralConfig
+
+
+class LinearizedQwen2ForCausalLM(LlamaFamilyMixin, Qwen2ForCausalLM):
+    config_class = LinearizedQwen2Config
+
+
+class LinearizedGPT2LMHeadModel(LinearizedCausalLMMixin, GPT2LMHeadModel):
+    config_class = LinearizedGPT2Config
+    attention_attr = "attn"
+    linear_attention_class = LinearizedGPT2Attention
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def forward(
+        self,
+        input_ids=None,
+        cache=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        return super().forward(
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )
