@@ -16,10 +16,11 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from linearize.errors import UserError
 from linearize.hf.modeling_linearized import LinearizedCausalLMMixin
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The export cannot be written; the message says why and what to do."""
 
 

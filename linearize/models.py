@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from linearize.errors import UserError
 
-class ModelReferenceError(ValueError):
+
+class ModelReferenceError(UserError):
     """A model reference that cannot be resolved; the message says what was tried and the fix."""
 
 

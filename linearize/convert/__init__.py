@@ -6,7 +6,7 @@ feature maps, mix factors and (JRT) encoder projections, and turns the model int
 """
 
 from linearize.convert.presets import ATTENTION_PRESETS, attention_options
-from linearize.convert.swap import SUPPORTED_ARCHITECTURES, UnsupportedModelError, convert
+from linearize.convert.swap import SUPPORTED_ARCHITECTURES, ConversionError, convert
 from linearize.hf.feature_maps import FEATURE_MAPS, BasedFeatureMap, HedgehogFeatureMap
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "BasedFeatureMap",
     "HedgehogFeatureMap",
-    "UnsupportedModelError",
+    "ConversionError",
     "attention_options",
     "convert",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from linearize.errors import UserError
 from linearize.hf.configuration_linearized import LinearAttentionOptions
 
 # The window variants start with a small linear share so that the untrained model is close to
@@ -18,8 +19,14 @@ ATTENTION_PRESETS: dict[str, dict] = {
 
 
 def attention_options(attention: str, **overrides) -> LinearAttentionOptions:
-    """The preset ``attention`` with ``overrides`` applied; raises ValueError naming bad fields."""
+    """The preset ``attention`` with ``overrides`` (None values ignored) applied.
+
+    Raises ``UserError`` naming the bad field or the unknown variant.
+    """
     if attention not in ATTENTION_PRESETS:
-        raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTION_PRESETS)}")
+        raise UserError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTION_PRESETS)}")
     given = {key: value for key, value in overrides.items() if value is not None}
-    return LinearAttentionOptions.from_dict({**ATTENTION_PRESETS[attention], **given, "attention": attention})
+    try:
+        return LinearAttentionOptions.from_dict({**ATTENTION_PRESETS[attention], **given, "attention": attention})
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from None

@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
 from linearize.convert.presets import attention_options
+from linearize.errors import UserError
 from linearize.hf.modeling_linearized import (
     LinearizedCausalLMMixin,
     LinearizedGPT2LMHeadModel,
@@ -30,18 +31,18 @@ KNOWN_ATTENTION_CHILDREN = {
 }
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture cannot be linearized; the message lists the supported ones."""
+class ConversionError(UserError):
+    """The model cannot be converted as asked; the message says why and what is supported."""
 
 
 def _check_supported(model: PreTrainedModel) -> type[LinearizedCausalLMMixin]:
     target = SUPPORTED_ARCHITECTURES.get(type(model))
     if target is None:
         names = ", ".join(sorted(cls.__name__ for cls in SUPPORTED_ARCHITECTURES))
-        raise UnsupportedModelError(f"cannot linearize {type(model).__name__}; supported architectures: {names}")
+        raise ConversionError(f"cannot linearize {type(model).__name__}; supported architectures: {names}")
     config = model.config
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-        raise UnsupportedModelError(
+        raise ConversionError(
             "GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
         )
     for layer in target.decoder_layers(model):
@@ -49,7 +50,7 @@ def _check_supported(model: PreTrainedModel) -> type[LinearizedCausalLMMixin]:
         children = {name for name, _ in attention.named_children()}
         extra = children - KNOWN_ATTENTION_CHILDREN[target.attention_attr]
         if extra:
-            raise UnsupportedModelError(
+            raise ConversionError(
                 f"{type(model).__name__} attention has extra modules {sorted(extra)} that linear attention would "
                 "ignore; this variant of the architecture is not supported"
             )
@@ -69,6 +70,10 @@ def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: in
     """
     target = _check_supported(model)
     resolved = attention_options(attention, **options)
+    layers = len(target.decoder_layers(model))
+    out_of_range = [i for i in resolved.softmax_layers if not 0 <= i < layers]
+    if out_of_range:
+        raise ConversionError(f"softmax_layers {out_of_range} are out of range: the model has layers 0..{layers - 1}")
     parameter = next(model.parameters())
     config = model.config
     config.__class__ = target.config_class  # same fields, own model_type

@@ -239,14 +239,8 @@ class LinearizedCausalLMMixin:
 
     def swap_attention(self) -> None:
         """Replace the attention of every layer not listed in ``softmax_layers``."""
-        layers = self.decoder_layers()
         softmax_layers = self.linear_attention_options.softmax_layers
-        out_of_range = [i for i in softmax_layers if not 0 <= i < len(layers)]
-        if out_of_range:
-            raise ValueError(
-                f"softmax_layers {out_of_range} are out of range: the model has layers 0..{len(layers) - 1}"
-            )
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(self.decoder_layers()):
             if index not in softmax_layers:
                 base = getattr(layer, self.attention_attr)
                 setattr(layer, self.attention_attr, self.linear_attention_class(base, self.config, index))

@@ -1,0 +1,106 @@
+"""Test helpers: tiny random models of every supported family, and a checked comparison."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import linearize
+
+VOCAB = 97
+
+ALL_ATTENTIONS = ["hedgehog", "based", "window_hedgehog", "window_based", "jrt"]
+
+# Small enough for fast CPU tests, odd enough to catch shape bugs: GQA (4 query heads, 2 KV
+# heads), a non-power-of-two head size (12) and window/sinks shorter than the test sequences.
+SMALL_WINDOW = {"window": 6, "sink_tokens": 2}
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=36, n_layer=2, n_head=3, n_positions=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+TEACHERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def options_for(attention: str) -> dict:
+    """Conversion options used by the tests: small windows so sequences outgrow them."""
+    return dict(SMALL_WINDOW) if attention.startswith("window") else {}
+
+
+def converted(family: str, attention: str, **options):
+    """A tiny teacher of ``family`` converted to ``attention`` with non-trivial new parameters."""
+    model = linearize.convert(TEACHERS[family](), attention=attention, **{**options_for(attention), **options})
+    # Move new parameters away from their initialisation so tests see every term of the math.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".core." in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    # Random models emit EOS at random; generation tests compare fixed-length greedy runs.
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def assert_close(name: str, reference: torch.Tensor, actual: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4):
+    """Compare two tensors; a failure names the tensor, its shape and the worst error."""
+    assert reference.shape == actual.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    error = (reference.float() - actual.float()).abs().max().item()
+    scale = reference.float().abs().max().item()
+    assert error <= atol + rtol * scale, f"{name} {tuple(reference.shape)}: max abs error {error:.3e} (scale {scale:.3e})"
+
+
+# Runs in a fresh interpreter where `import linearize` fails, as on a machine without the package:
+# everything must come from the export folder's own modeling files.
+RELOAD_WITHOUT_LINEARIZE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["linearize"] = None  # any import of linearize now raises ImportError
+    import torch
+    from transformers import AutoModelForCausalLM
+    jobs = json.loads(sys.argv[1])
+    for folder, ids_file, out_file in jobs:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+        assert "linearize" not in type(model).__module__.split(".")[0], type(model).__module__
+        with torch.no_grad():
+            torch.save(model(torch.load(ids_file)).logits, out_file)
+    """
+)
+
+
+def reload_in_fresh_process(jobs: list[tuple[Path, Path, Path]]) -> None:
+    """For each (export folder, token ids file, output file): reload and save its logits."""
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_LINEARIZE, json.dumps([[str(p) for p in job] for job in jobs])],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
