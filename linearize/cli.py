@@ -1,6 +1,7 @@
 """The ``linearize`` command line; each stage's module registers its own subcommand.
 
     linearize convert MODEL --attention NAME --out DIR   convert, export, reload-check, generate
+    linearize run RECIPE [key.sub=value ...]            the whole pipeline from a YAML recipe
     linearize bench kernels --out DIR                   kernel speed vs softmax attention
 
 A user mistake prints one ``error:`` line naming the problem and the fix and exits with status 2;
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from linearize import pipeline
 from linearize.convert import command as convert_command
 from linearize.errors import UserError
 from linearize.kernels import command as kernels_command
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linearize", description="Convert softmax-attention LMs to linear attention.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert_command.register(commands)
+    pipeline.register(commands)
     bench = commands.add_parser("bench", help="speed and memory benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     kernels_command.register(bench_kinds)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: stages checkpoint as they go; run the same command again to resume", file=sys.stderr)
         return 130
 
 

@@ -6,7 +6,7 @@ feature maps, mix factors and (JRT) encoder projections, and turns the model int
 """
 
 from linearize.convert.presets import ATTENTION_PRESETS, attention_options
-from linearize.convert.swap import SUPPORTED_ARCHITECTURES, ConversionError, convert
+from linearize.convert.swap import SUPPORTED_ARCHITECTURES, ConversionError, convert, restore_softmax_layers
 from linearize.hf.feature_maps import FEATURE_MAPS, BasedFeatureMap, HedgehogFeatureMap
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "ConversionError",
     "attention_options",
     "convert",
+    "restore_softmax_layers",
 ]

@@ -83,3 +83,23 @@ def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: in
         torch.manual_seed(seed)
         model.swap_attention()
     return model.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def restore_softmax_layers(model: LinearizedCausalLMMixin, layers: list[int]) -> None:
+    """Give ``layers`` back their teacher's softmax attention (same projections), in place.
+
+    Their linear-attention parameters are dropped and ``softmax_layers`` in the config is updated,
+    so an export rebuilds the same hybrid.
+    """
+    decoder_layers = model.decoder_layers()
+    for index in layers:
+        linear = getattr(decoder_layers[index], model.attention_attr)
+        if not hasattr(linear, "teacher_class"):
+            continue  # already softmax
+        teacher = linear.teacher_class(model.config, layer_idx=index)
+        for name in linear.shared_modules:
+            setattr(teacher, name, getattr(linear, name))
+        setattr(decoder_layers[index], model.attention_attr, teacher)
+    options = dict(model.config.linear_attention)
+    options["softmax_layers"] = sorted(set(options.get("softmax_layers", [])) | set(layers))
+    model.config.linear_attention = options

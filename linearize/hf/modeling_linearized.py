@@ -104,11 +104,10 @@ class LinearAttentionCore(nn.Module):
         valid = new_token_validity(attention_mask, batch, length, q.device)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         state = cache_layer.state if cache_layer is not None else None
-        if state is None and encoder_kv is not None and prefix_length > 0:
-            k_enc, v_enc = encoder_kv
-            in_prefix = valid & (token_positions(valid) < prefix_length)
-            S, z = prefix_state(self.feature_map_k(k_enc), v_enc, in_prefix)
-            state = RecurrentState.empty(q, v, fq).with_prefix(S, z)
+        if state is None:
+            prefix = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
+            if prefix is not None:
+                state = RecurrentState.empty(q, v, fq).with_prefix(*prefix)
         options = self.options
         out, state = _hybrid_attention(
             q, k, v, fq, fk, self.gamma(q.device), state, window=options.window, sinks=options.sink_tokens,
@@ -117,6 +116,20 @@ class LinearAttentionCore(nn.Module):
         if cache_layer is not None:
             cache_layer.set_state(state, length)
         return out.to(q.dtype)
+
+    def encoder_prefix_state(
+        self,
+        valid: torch.Tensor,
+        encoder_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        prefix_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """JRT's (S_enc [B, H, F, D], z_enc [B, H, F]) over the first ``prefix_length`` real tokens, or
+        None when there is no encoder or no prefix."""
+        if encoder_kv is None or prefix_length <= 0:
+            return None
+        k_enc, v_enc = encoder_kv
+        in_prefix = valid & (token_positions(valid) < prefix_length)
+        return prefix_state(self.feature_map_k(k_enc), v_enc, in_prefix)
 
 
 def _layer_cache(cache, layer_idx: int) -> RecurrentStateLayer | None:
@@ -129,13 +142,17 @@ class LinearizedLlamaAttention(nn.Module):
     Reuses ``base``'s q/k/v/o projections; RoPE is applied to queries and keys as in the teacher.
     """
 
+    shared_modules = ("q_proj", "k_proj", "v_proj", "o_proj")  # taken over from the teacher's module
+
     def __init__(self, base: nn.Module, config, layer_idx: int):
         super().__init__()
         options = linear_attention_options(config)
         self.layer_idx = layer_idx
         self.head_dim = base.head_dim
         self.num_key_value_groups = base.num_key_value_groups
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.teacher_class = type(base)
+        for name in self.shared_modules:
+            setattr(self, name, getattr(base, name))
         self.core = LinearAttentionCore(options, config.num_attention_heads, base.head_dim, base.scaling)
         if options.jrt:
             # JRT-RNN's encoder projections start as copies of the decoder's.
@@ -178,6 +195,8 @@ class LinearizedLlamaAttention(nn.Module):
 class LinearizedGPT2Attention(nn.Module):
     """GPT-2 attention computed as linear attention; reuses the fused ``c_attn`` and ``c_proj``."""
 
+    shared_modules = ("c_attn", "c_proj", "resid_dropout")  # taken over from the teacher's module
+
     def __init__(self, base: nn.Module, config, layer_idx: int):
         super().__init__()
         if base.is_cross_attention:
@@ -186,7 +205,9 @@ class LinearizedGPT2Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = base.head_dim
         self.split_size = base.split_size
-        self.c_attn, self.c_proj, self.resid_dropout = base.c_attn, base.c_proj, base.resid_dropout
+        self.teacher_class = type(base)
+        for name in self.shared_modules:
+            setattr(self, name, getattr(base, name))
         self.core = LinearAttentionCore(options, base.num_heads, base.head_dim, base.scaling)
         if options.jrt:
             # JRT-RNN's encoder key/value projection starts as the key/value columns of c_attn.

@@ -1,0 +1,70 @@
+"""The attention-transfer stage: train feature maps (and mix factors, JRT encoders) layer by layer.
+
+Only the new parameters train. Each step runs the model once in transfer mode (so every layer
+sees the teacher's inputs) and sums the per-layer losses. Validation reports every layer's loss, so
+the hardest layers are visible and can be kept as softmax attention (``auto_softmax_layers``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from linearize.attention_transfer.transfer_mode import transfer_mode
+from linearize.recipe import AttentionTransferSection
+from linearize.training import StageResult, train
+
+NEW_PARAMETER_MARKERS = (".core.", "k_enc_proj", "v_enc_proj", "c_attn_enc")
+
+
+def mark_transfer_parameters(model: torch.nn.Module) -> int:
+    """Make exactly the conversion's new parameters trainable; returns how many values train."""
+    count = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(marker in name for marker in NEW_PARAMETER_MARKERS))
+        count += parameter.numel() if parameter.requires_grad else 0
+    return count
+
+
+def layer_losses(model: torch.nn.Module, blocks: torch.Tensor, section: AttentionTransferSection,
+                 batch_size: int = 1) -> dict[str, float]:
+    """Mean weighted transfer loss over ``blocks``, in total and per layer (``layer_<i>``)."""
+    totals: dict[str, float] = {}
+    device = next(model.parameters()).device
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].to(device)
+        with transfer_mode(model) as recorders:
+            model(input_ids=batch, use_cache=False, logits_to_keep=1)
+        for recorder in recorders:
+            value = weighted(recorder.losses, section).item() * len(batch) / len(blocks)
+            totals[f"layer_{recorder.layer}"] = totals.get(f"layer_{recorder.layer}", 0.0) + value
+    totals["loss"] = sum(totals.values())
+    return totals
+
+
+def weighted(losses: dict[str, torch.Tensor], section: AttentionTransferSection) -> torch.Tensor:
+    return section.loss.xent * losses["xent"] + section.loss.mse * losses["mse"]
+
+
+def run_attention_transfer(
+    accelerator: Accelerator, model: torch.nn.Module, train_blocks: torch.Tensor, validation_blocks: torch.Tensor,
+    section: AttentionTransferSection, stage_dir: Path, *, seed: int, log_every: int,
+) -> StageResult:
+    """Train the new parameters of ``model`` to reproduce its teacher's attention, layer by layer."""
+    mark_transfer_parameters(model)
+
+    def loss_fn(wrapped, batch):
+        with transfer_mode(model) as recorders:
+            # Through the (possibly DDP) wrapper so gradients synchronise; the losses need no logits.
+            wrapped(input_ids=batch, use_cache=False, logits_to_keep=1)
+        per_layer = [weighted(recorder.losses, section) for recorder in recorders]
+        loss = torch.stack(per_layer).sum()
+        return loss, {"loss": loss.item()}
+
+    return train(
+        accelerator, model, train_blocks, loss_fn,
+        lambda m: layer_losses(m, validation_blocks, section), section, stage_dir,
+        seed=seed, log_every=log_every, description="attention transfer",
+    )

@@ -1,0 +1,62 @@
+"""Run a converted model as its own teacher while measuring every layer's transfer loss.
+
+Inside ``transfer_mode(model)`` each linear attention layer computes the teacher's softmax attention
+from its (frozen, shared) q, k, v, passes that output on, and records its loss against its own
+linear attention. One forward pass therefore equals the teacher's forward pass, and each layer's
+loss depends only on its own feature maps, mix factor and encoder. Parameter names do not change,
+so checkpoints written inside the context load outside it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from linearize.attention_transfer.losses import softmax_attention, transfer_losses
+from linearize.hf.modeling_linearized import LinearAttentionCore, new_token_validity
+
+
+class LayerTransfer:
+    """Takes the place of one ``LinearAttentionCore.forward``: returns softmax attention and
+    records the layer's losses in ``losses``."""
+
+    def __init__(self, core: LinearAttentionCore, layer: int, with_losses: bool):
+        self.core = core
+        self.layer = layer
+        self.with_losses = with_losses
+        self.losses: dict[str, torch.Tensor] = {}
+
+    def __call__(self, q, k, v, *, attention_mask, cache_layer, encoder_kv=None, prefix_length=0):
+        if cache_layer is not None:
+            raise ValueError("transfer mode runs without a cache: call the model with use_cache=False")
+        valid = new_token_validity(attention_mask, q.shape[0], q.shape[2], q.device)
+        if not self.with_losses:
+            return softmax_attention(q, k, v, valid, self.core.scaling)[1].to(q.dtype)
+        initial = self.core.encoder_prefix_state(valid, encoder_kv, prefix_length)
+        self.losses, teacher_out = transfer_losses(self.core, q, k, v, valid, initial_state=initial)
+        return teacher_out.detach().to(q.dtype)
+
+
+def linear_attention_layers(model: nn.Module) -> list[tuple[int, LinearAttentionCore]]:
+    """(layer index, core) of every linear attention layer of ``model``, in layer order."""
+    return [(module.layer_idx, module.core) for module in model.modules()
+            if isinstance(getattr(module, "core", None), LinearAttentionCore)]
+
+
+@contextmanager
+def transfer_mode(model: nn.Module, with_losses: bool = True):
+    """Make every linear layer compute its teacher's attention; yields the ``LayerTransfer`` list.
+
+    With ``with_losses=False`` the model is exactly the teacher (used for distillation targets).
+    """
+    layers = linear_attention_layers(model)
+    recorders = [LayerTransfer(core, index, with_losses) for index, core in layers]
+    for (_, core), recorder in zip(layers, recorders):
+        core.forward = recorder  # an instance attribute shadows the class's forward
+    try:
+        yield recorders
+    finally:
+        for _, core in layers:
+            del core.forward

@@ -1,0 +1,213 @@
+"""``linearize run RECIPE [key=value ...]``: convert -> attention transfer -> LoRA -> export -> evaluate.
+
+Every stage writes into the run directory and is skipped when its output is complete; a stage
+that was interrupted resumes from its last checkpoint. The same command runs on one process or
+under ``accelerate launch`` / ``torchrun`` (accelerate joins the processes; every process takes its
+share of each batch, evaluation and export happen on the main process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import linearize
+from linearize.attention_transfer import run_attention_transfer
+from linearize.convert import restore_softmax_layers
+from linearize.convert.command import generate_answer
+from linearize.corpora import read_corpus
+from linearize.data import build_blocks
+from linearize.eval import chunk_tokens, perplexity
+from linearize.finetune import add_lora, merge_lora, run_finetune
+from linearize.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from linearize.training import atomic_save_tensors, atomic_write_text, load_trainable_state, trainable_state
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a recipe: convert, distil, finetune, export, evaluate",
+        description="Run every stage of RECIPE. Overrides are dotted keys, e.g. finetune.steps=40 run.output_dir=runs/x",
+    )
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of recipe fields")
+    parser.set_defaults(func=run)
+
+
+class RunRecord:
+    """``metrics.json`` of a run: numbers measured once, kept across reruns (atomic writes)."""
+
+    def __init__(self, path: Path, write: bool):
+        self.path = path
+        self.write = write
+        self.values = json.loads(path.read_text()) if path.is_file() else {}
+
+    def measure(self, key: str, compute):
+        if key not in self.values:
+            self.values[key] = compute()
+            if self.write:
+                atomic_write_text(self.path, json.dumps(self.values, indent=2) + "\n")
+        return self.values[key]
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    except OSError:
+        return None
+    return result.stdout.strip() or None
+
+
+def _check_context(recipe: Recipe, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    for field, length in (("data.block_length", recipe.data.block_length), ("eval perplexity chunks", 512)):
+        if limit and length > limit:
+            raise RecipeError(f"recipe field '{field}': {length} tokens exceed the model's {limit} positions; fix: lower it")
+
+
+def _stage_done(stage_dir: Path) -> dict | None:
+    done = stage_dir / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def _finish_stage(stage_dir: Path, model, summary: dict, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        atomic_save_tensors(trainable_state(model), stage_dir / "weights.safetensors")
+        atomic_write_text(stage_dir / "done.json", json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def _layer_table(first: dict, best: dict) -> str:
+    layers = sorted((k for k in first if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+    rows = [f"  {k.removeprefix('layer_'):>5} {first[k]:10.4f} {best.get(k, float('nan')):10.4f}" for k in layers]
+    return "\n".join(["  layer     before      after", *rows])
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    """Run every stage of ``recipe``; returns the run's metrics."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.run.precision)
+    main = accelerator.is_main_process
+    run_dir = Path(recipe.run.output_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+        info = {"linearize": linearize.__version__, "git_commit": _git_commit(), "command": sys.argv,
+                "processes": accelerator.num_processes, "torch": torch.__version__}
+        atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    set_seed(recipe.run.seed)
+    started = time.perf_counter()
+
+    teacher, tokenizer = linearize.load(recipe.model.ref, dtype=DTYPES[recipe.model.dtype])
+    _check_context(recipe, teacher)
+    teacher.to(accelerator.device)
+    blocks = build_blocks(recipe.data, tokenizer, recipe.run.seed)
+    accelerator.print(
+        f"data: {len(blocks.train)} training and {len(blocks.validation)} validation blocks of "
+        f"{recipe.data.block_length} tokens"
+    )
+    record = RunRecord(run_dir / "metrics.json", write=main)
+    chunks = None
+    if recipe.eval.perplexity_chunks:
+        chunks = chunk_tokens(tokenizer, read_corpus("wikitext2"), 512, recipe.eval.perplexity_chunks)
+
+    def evaluate(name: str, model) -> None:
+        """Perplexity and an answer to the recipe's prompt, measured once per run (main process)."""
+        if main and chunks is not None:
+            record.measure(f"{name}_perplexity", lambda: perplexity(model, chunks, desc=f"{name} perplexity"))
+        if main:
+            record.measure(f"{name}_answer", lambda: generate_answer(model, tokenizer, recipe.eval.prompt,
+                                                                      recipe.eval.max_new_tokens))
+        accelerator.wait_for_everyone()
+
+    evaluate("teacher", teacher)
+    student = linearize.convert(teacher, attention=recipe.attention.name, seed=recipe.run.seed,
+                                **recipe.attention.options())
+    evaluate("untrained", student)
+
+    # Attention transfer: train the new parameters layer by layer.
+    stage_dir = run_dir / "attention_transfer"
+    section = recipe.attention_transfer
+    done = _stage_done(stage_dir)
+    if done is None and section.enabled and section.steps > 0:
+        result = run_attention_transfer(
+            accelerator, student, blocks.train, blocks.validation, section, stage_dir,
+            seed=recipe.run.seed, log_every=recipe.run.log_every,
+        )
+        ranked = sorted((k for k in result.best if k.startswith("layer_")), key=lambda k: -result.best[k])
+        keep = sorted(int(k.split("_")[1]) for k in ranked[: recipe.attention.auto_softmax_layers])
+        done = {"first": result.first, "best": result.best, "steps": result.steps, "seconds": result.seconds,
+                "auto_softmax_layers": keep}
+        _finish_stage(stage_dir, student, done, accelerator)
+    elif done is not None:
+        load_trainable_state(student, stage_dir / "weights.safetensors")
+    if done is not None:
+        restore_softmax_layers(student, done["auto_softmax_layers"])
+        evaluate("distilled", student)
+
+    # LoRA finetuning: adapters on the attention projections, feature maps frozen.
+    stage_dir = run_dir / "finetune"
+    section = recipe.finetune
+    finetune_done = _stage_done(stage_dir)
+    if section.enabled and section.steps > 0:
+        for parameter in student.parameters():
+            parameter.requires_grad_(False)
+        adapted = add_lora(student, section.lora)
+        if finetune_done is None:
+            result = run_finetune(accelerator, adapted, blocks.train, blocks.validation, section, stage_dir,
+                                  seed=recipe.run.seed, log_every=recipe.run.log_every)
+            finetune_done = {"first": result.first, "best": result.best, "steps": result.steps,
+                             "seconds": result.seconds}
+            _finish_stage(stage_dir, adapted, finetune_done, accelerator)
+        else:
+            load_trainable_state(adapted, stage_dir / "weights.safetensors")
+        student = merge_lora(adapted)
+        evaluate("finetuned", student)
+
+    if recipe.export.enabled and main:
+        export_dir = recipe.export_dir
+        if not (export_dir / "config.json").is_file():
+            linearize.export(student, tokenizer, export_dir, overwrite=export_dir.exists(), metrics=record.values,
+                             extra_files={"recipe.resolved.yaml": dump_recipe(recipe)})
+    accelerator.wait_for_everyone()
+    if main:
+        _print_summary(recipe, record.values, done, finetune_done, time.perf_counter() - started)
+    return record.values
+
+
+def _print_summary(recipe: Recipe, values: dict, transfer: dict | None, finetune: dict | None, seconds: float) -> None:
+    print(f"\nrun {recipe.run.output_dir} finished in {seconds / 60:.1f} min")
+    if "teacher_perplexity" in values:
+        teacher = values["teacher_perplexity"]
+        print(f"WikiText-2 perplexity ({recipe.eval.perplexity_chunks} x 512 tokens):")
+        for name in ("teacher", "untrained", "distilled", "finetuned"):
+            if f"{name}_perplexity" in values:
+                value = values[f"{name}_perplexity"]
+                print(f"  {name:<10} {value:8.2f}  ({value / teacher:.2f}x teacher)")
+    if transfer is not None:
+        print("attention-transfer loss per layer (validation):")
+        print(_layer_table(transfer["first"], transfer["best"]))
+        if transfer["auto_softmax_layers"]:
+            print(f"kept as softmax (highest transfer loss): {transfer['auto_softmax_layers']}")
+    if finetune is not None:
+        print(f"finetune validation perplexity: {finetune['first']['perplexity']:.2f} -> {finetune['best']['perplexity']:.2f}")
+    print(f"prompt: {recipe.eval.prompt}")
+    for name in ("teacher", "finetuned" if finetune else "distilled" if transfer else "untrained"):
+        if f"{name}_answer" in values:
+            print(f"  {name}: {values[f'{name}_answer']}")
+    if recipe.export.enabled:
+        print(f"exported to {recipe.export_dir}")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_recipe(load_recipe(args.recipe, args.overrides))
+    return 0

@@ -1,0 +1,300 @@
+"""Recipes: one YAML file describes a whole run; pydantic validates it before any work starts.
+
+    recipe = load_recipe("recipes/quickstart.yaml", ["attention_transfer.steps=100"])
+
+Overrides are ``dotted.key=value`` with the value parsed as YAML (``lr=1e-3``, ``layers=[0,5]``,
+``dir=null``). Every mistake — unknown key, wrong type, bad value, missing file, impossible
+combination — raises one :class:`RecipeError` naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from linearize.convert.presets import ATTENTION_PRESETS, attention_options
+from linearize.corpora import CORPORA
+from linearize.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class RecipeError(UserError):
+    """A recipe that cannot run; the message names the field, the value and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The teacher: ``ref`` is a shorthand (smollm2-135m), a .gguf file, a folder or a hub id."""
+
+    ref: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class AttentionSection(Section):
+    """The attention variant (a preset name) and overrides of its options."""
+
+    name: str
+    window: NonNegativeInt | None = None
+    sink_tokens: NonNegativeInt | None = None
+    init_gamma: float | None = None
+    feature_dim: PositiveInt | None = None
+    chunk_size: PositiveInt | None = None
+    jrt_prefix_length: NonNegativeInt | None = None
+    softmax_layers: list[NonNegativeInt] = []
+    # After attention transfer, also keep as softmax the k layers with the highest transfer loss.
+    auto_softmax_layers: NonNegativeInt = 0
+
+    def options(self) -> dict:
+        """Keyword options for ``linearize.convert`` (without the variant name)."""
+        return self.model_dump(exclude={"name", "auto_softmax_layers"}, exclude_none=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionSection:
+        if self.name not in ATTENTION_PRESETS:
+            raise ValueError(f"unknown attention {self.name!r}; choose one of {sorted(ATTENTION_PRESETS)}")
+        attention_options(self.name, **self.options())  # raises with the field's name
+        return self
+
+
+class DataSource(Section):
+    """One training text source.
+
+    ``type``: ``corpus`` (a shipped corpus by ``name``), ``text`` (a plain-text file at ``path``),
+    ``jsonl`` (one JSON object per line at ``path``; ``text_field`` holds the text, or
+    ``instruction_field``/``response_field`` hold a chat turn rendered with the chat template), or
+    ``hf`` (a Hugging Face dataset ``name``/``split``, where a hub is reachable).
+    """
+
+    type: Literal["corpus", "text", "jsonl", "hf"]
+    name: str | None = None
+    path: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    instruction_field: str | None = None
+    response_field: str | None = None
+    max_documents: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        if self.type in ("text", "jsonl"):
+            if not self.path:
+                raise ValueError(f"a {self.type} source needs 'path'")
+            if not Path(self.path).expanduser().is_file():
+                raise ValueError(f"file {self.path!r} does not exist")
+        if self.type == "corpus" and self.name not in CORPORA:
+            raise ValueError(f"unknown corpus {self.name!r}; shipped corpora: {sorted(CORPORA)}")
+        if self.type == "hf" and not self.name:
+            raise ValueError("an hf source needs 'name' (a dataset id)")
+        if (self.instruction_field is None) != (self.response_field is None):
+            raise ValueError("instruction_field and response_field go together: set both or neither")
+        return self
+
+
+class DataSection(Section):
+    """Texts are tokenized with the teacher's tokenizer and packed into blocks of ``block_length``."""
+
+    sources: list[DataSource] = Field(min_length=1)
+    block_length: Annotated[int, Field(ge=8)] = 512
+    validation_blocks: PositiveInt = 8
+
+
+class LossWeights(Section):
+    """Attention-transfer loss: ``xent`` (Hedgehog: cross-entropy of attention weights) and ``mse``
+    (LoLCATs: MSE of attention outputs)."""
+
+    xent: NonNegativeFloat = 0.0
+    mse: NonNegativeFloat = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> LossWeights:
+        if self.xent == 0 and self.mse == 0:
+            raise ValueError("at least one of xent and mse must be > 0")
+        return self
+
+
+class TrainingSection(Section):
+    enabled: bool = True
+    steps: NonNegativeInt = 100
+    batch_size: PositiveInt = 1
+    gradient_accumulation: PositiveInt = 1
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
+    validate_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainingSection:
+        if self.enabled and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) cannot exceed steps ({self.steps})")
+        return self
+
+
+class AttentionTransferSection(TrainingSection):
+    lr: PositiveFloat = 1e-2
+    loss: LossWeights = LossWeights()
+
+
+class LoraSection(Section):
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # None: the attention projections of the family (q, k, v, o).
+    target_modules: list[str] | None = None
+
+
+class DistillationSection(Section):
+    """Optional KL divergence to the teacher's next-token distribution, added to the CE loss."""
+
+    weight: NonNegativeFloat = 0.0
+    temperature: PositiveFloat = 1.0
+
+
+class FinetuneSection(TrainingSection):
+    lr: PositiveFloat = 1e-3
+    lora: LoraSection = LoraSection()
+    distill: DistillationSection = DistillationSection()
+
+
+class EvalSection(Section):
+    perplexity_chunks: NonNegativeInt = 16
+    prompt: str = "What is the capital of France?"
+    max_new_tokens: PositiveInt = 24
+
+
+class ExportSection(Section):
+    enabled: bool = True
+    dir: str | None = None  # default: <run.output_dir>/export
+
+
+class RunSection(Section):
+    output_dir: str
+    seed: NonNegativeInt = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: PositiveInt = 10
+
+
+class Recipe(Section):
+    model: ModelSection
+    attention: AttentionSection
+    data: DataSection
+    attention_transfer: AttentionTransferSection = AttentionTransferSection()
+    finetune: FinetuneSection = FinetuneSection()
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+    run: RunSection
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.attention.auto_softmax_layers and not self.attention_transfer.enabled:
+            raise ValueError(
+                "attention.auto_softmax_layers ranks layers by transfer loss, so attention_transfer.enabled must be true"
+            )
+        if self.finetune.enabled and self.finetune.distill.weight > 0 and self.finetune.steps == 0:
+            raise ValueError("finetune.distill.weight > 0 needs finetune.steps > 0")
+        return self
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export.dir) if self.export.dir else Path(self.run.output_dir) / "export"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+# --------------------------------------------------------------------------------------------------
+
+FIXES = {
+    "extra_forbidden": "remove it or check its spelling",
+    "missing": "add it",
+    "int_type": "use a whole number",
+    "int_parsing": "use a whole number",
+    "int_from_float": "use a whole number",
+    "float_type": "use a number",
+    "float_parsing": "use a number",
+    "bool_type": "use true or false",
+    "bool_parsing": "use true or false",
+    "string_type": "use a string",
+    "list_type": "use a list like [0, 5]",
+    "literal_error": "use one of the allowed values",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "less_than": "use a smaller value",
+    "too_short": "add at least one entry",
+    "model_type": "use a mapping of keys to values",
+    "dict_type": "use a mapping of keys to values",
+}
+
+
+def _format_error(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "recipe"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    shown = "" if error["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
+    fix = FIXES.get(error["type"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    return f"recipe field '{field}': {message}{shown}" + (f"; fix: {fix}" if fix else "")
+
+
+def validate_recipe(data: Any) -> Recipe:
+    """Validate a parsed recipe mapping; raises RecipeError listing every problem on one line."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError("; ".join(_format_error(e) for e in error.errors())) from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override to the parsed recipe ``data`` in place."""
+    key, separator, text = override.partition("=")
+    if not separator or not key.strip():
+        raise RecipeError(f"override {override!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({error})") from None
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate the recipe at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist. Fix: check the path (ready recipes are in recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {error}".replace("\n", " ")) from None
+    data = data if data is not None else {}
+    for override in overrides:
+        if not isinstance(data, dict):
+            break
+        apply_override(data, override)
+    return validate_recipe(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default written out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,239 @@
+"""The training loop shared by attention transfer and LoRA finetuning.
+
+What it guarantees, for any loss:
+    * the same global batches on 1 or N processes (each process takes its share of every step's
+      blocks; DDP averages the gradients), so losses agree across world sizes;
+    * checkpoints every ``checkpoint_every`` steps and on Ctrl-C; a rerun resumes from the last one
+      and replays the same batches, so the result equals an uninterrupted run;
+    * validation every ``validate_every`` steps, keeping the best trainable weights;
+    * a progress bar with tokens/s and an ETA, and a JSON-lines log.
+
+Checkpoints hold only what training changes (trainable weights, optimizer, scheduler, RNG states
+and counters): the frozen model is rebuilt from the recipe, so a checkpoint of an 8B model is small.
+Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from linearize.errors import UserError
+from linearize.recipe import TrainingSection
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+ValidateFn = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    partial.replace(path)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, partial)
+    partial.replace(path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require gradients, by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+    """Copy saved trainable weights into ``model``; every saved name must exist."""
+    saved = load_file(path)
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(saved) - set(parameters))
+    if missing:
+        raise UserError(f"{path} holds weights the model does not have ({missing[:3]}...). Fix: delete the run folder")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            parameters[name].copy_(tensor)
+
+
+def global_batch_indices(step: int, batch_size: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """Block indices of optimizer step ``step``: consecutive slices of per-epoch permutations."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_blocks)
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.extend(order[offset : offset + batch_size - len(indices)].tolist())
+    return torch.tensor(indices)
+
+
+@dataclass
+class StageResult:
+    best: dict[str, float]  # validation metrics of the kept weights
+    first: dict[str, float]  # validation metrics before training
+    steps: int
+    seconds: float
+
+
+def _lr_lambda(section: TrainingSection) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% of the peak rate."""
+
+    def factor(step: int) -> float:
+        if step < section.warmup_steps:
+            return (step + 1) / section.warmup_steps
+        progress = (step - section.warmup_steps) / max(1, section.steps - section.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    loss_fn: LossFn,
+    validate: ValidateFn,
+    section: TrainingSection,
+    stage_dir: Path,
+    *,
+    seed: int,
+    log_every: int,
+    description: str,
+    metric: str = "loss",
+) -> StageResult:
+    """Train the parameters of ``model`` that require grad; keep the best by validation ``metric``.
+
+    ``loss_fn(model, batch)`` returns the loss to minimise and numbers to log; ``validate(model)``
+    returns metrics (lower ``metric`` is better) and must give the same numbers on every process.
+    On return ``model`` holds the best weights. Resumes from ``stage_dir/checkpoint`` when present.
+    """
+    world = accelerator.num_processes
+    per_process, remainder = divmod(section.batch_size, world * section.gradient_accumulation)
+    if remainder or per_process == 0:
+        raise UserError(
+            f"batch_size {section.batch_size} must be a multiple of processes ({world}) x gradient_accumulation "
+            f"({section.gradient_accumulation}). Fix: change batch_size or gradient_accumulation"
+        )
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = stage_dir / "checkpoint"
+    best_path = stage_dir / "best.safetensors"
+    parameters = list(trainable_state(model).values())
+    optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(section))
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, best, first, history_seconds = 0, None, None, 0.0
+    if (checkpoint_dir / "state.pt").is_file():
+        state = torch.load(checkpoint_dir / "state.pt", weights_only=False)
+        load_trainable_state(model, checkpoint_dir / "trainable.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(torch.load(checkpoint_dir / f"rng_{accelerator.process_index}.pt", weights_only=False))
+        step, best, first, history_seconds = state["step"], state["best"], state["first"], state["seconds"]
+        accelerator.print(f"{description}: resuming at step {step}/{section.steps}")
+
+    def save_checkpoint() -> None:
+        if accelerator.is_main_process:
+            checkpoint_dir.mkdir(exist_ok=True)
+            atomic_save_tensors(trainable_state(model), checkpoint_dir / "trainable.safetensors")
+            atomic_torch_save(
+                {"step": step, "best": best, "first": first, "seconds": history_seconds + time.perf_counter() - started,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                checkpoint_dir / "state.pt",
+            )
+        accelerator.wait_for_everyone()
+        atomic_torch_save(_rng_state(), checkpoint_dir / f"rng_{accelerator.process_index}.pt")
+
+    def run_validation() -> None:
+        nonlocal best, first
+        model.eval()
+        with torch.no_grad():
+            metrics = validate(model)
+        model.train()
+        first = first or metrics
+        log({"step": step, "validation": metrics})
+        if best is None or metrics[metric] < best[metric]:
+            best = metrics
+            if accelerator.is_main_process:
+                atomic_save_tensors(trainable_state(model), best_path)
+        accelerator.wait_for_everyone()
+
+    log_path = stage_dir / "log.jsonl"
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    started = time.perf_counter()
+    model.train()
+    if first is None:
+        run_validation()
+    progress = tqdm(
+        total=section.steps, initial=step, desc=description, unit="step", disable=not accelerator.is_main_process,
+    )
+    tokens_per_step = section.batch_size * blocks.shape[1]
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < section.steps:
+            indices = global_batch_indices(step, section.batch_size, len(blocks), seed)
+            mine = indices.view(section.gradient_accumulation, world, per_process)[:, accelerator.process_index]
+            logged: dict[str, float] = {}
+            for micro, micro_indices in enumerate(mine):
+                last = micro == section.gradient_accumulation - 1
+                with nullcontext() if last else accelerator.no_sync(wrapped):
+                    with accelerator.autocast():
+                        loss, numbers = loss_fn(wrapped, blocks[micro_indices].to(accelerator.device))
+                    accelerator.backward(loss / section.gradient_accumulation)
+                for key, value in numbers.items():
+                    logged[key] = logged.get(key, 0.0) + value / section.gradient_accumulation
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                       for k, v in logged.items()}
+            elapsed = time.perf_counter() - window_start
+            progress.set_postfix(loss=f"{reduced.get('loss', float('nan')):.4f}",
+                                 tok_s=f"{tokens_per_step * window_steps / max(elapsed, 1e-9):.0f}")
+            progress.update(1)
+            if step % log_every == 0 or step == section.steps:
+                log({"step": step, "lr": scheduler.get_last_lr()[0], **reduced})
+            if step % section.validate_every == 0 or step == section.steps:
+                run_validation()
+            if step % section.checkpoint_every == 0 and step < section.steps:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        progress.close()
+        raise
+    progress.close()
+    if best_path.is_file():
+        load_trainable_state(model, best_path)
+    accelerator.wait_for_everyone()
+    return StageResult(best=best, first=first, steps=step, seconds=history_seconds + time.perf_counter() - started)
