@@ -2,7 +2,9 @@
 
     linearize convert MODEL --attention NAME --out DIR   convert, export, reload-check, generate
     linearize run RECIPE [key.sub=value ...]            the whole pipeline from a YAML recipe
+    linearize eval EXPORT [--teacher REF] --tasks T     lm-eval tasks, perplexity, recall; report.md
     linearize bench kernels --out DIR                   kernel speed vs softmax attention
+    linearize bench decode MODEL [--teacher REF]        prefill/decode speed, memory, cache size
 
 A user mistake prints one ``error:`` line naming the problem and the fix and exits with status 2;
 it never prints a traceback.
@@ -16,6 +18,7 @@ import sys
 from linearize import pipeline
 from linearize.convert import command as convert_command
 from linearize.errors import UserError
+from linearize.eval import command as eval_command
 from linearize.kernels import command as kernels_command
 
 USER_ERROR_EXIT = 2
@@ -25,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linearize", description="Convert softmax-attention LMs to linear attention.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert_command.register(commands)
+    eval_command.register(commands)
     pipeline.register(commands)
     bench = commands.add_parser("bench", help="speed and memory benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     kernels_command.register(bench_kinds)
+    eval_command.register_bench(bench_kinds)
     return parser
 
 

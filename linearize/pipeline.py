@@ -139,6 +139,7 @@ def run_recipe(recipe: Recipe) -> dict:
     section = recipe.attention_transfer
     done = _stage_done(stage_dir)
     if done is None and section.enabled and section.steps > 0:
+        set_seed(recipe.run.seed)  # the same start whether or not earlier stages ran in this process
         result = run_attention_transfer(
             accelerator, student, blocks.train, blocks.validation, section, stage_dir,
             seed=recipe.run.seed, log_every=recipe.run.log_every,
@@ -161,6 +162,7 @@ def run_recipe(recipe: Recipe) -> dict:
     if section.enabled and section.steps > 0:
         for parameter in student.parameters():
             parameter.requires_grad_(False)
+        set_seed(recipe.run.seed + 1)  # LoRA's initialisation must not depend on what ran before
         adapted = add_lora(student, section.lora)
         if finetune_done is None:
             result = run_finetune(accelerator, adapted, blocks.train, blocks.validation, section, stage_dir,

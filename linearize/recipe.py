@@ -91,7 +91,7 @@ class DataSource(Section):
             if not self.path:
                 raise ValueError(f"a {self.type} source needs 'path'")
             if not Path(self.path).expanduser().is_file():
-                raise ValueError(f"file {self.path!r} does not exist")
+                raise ValueError(f"file {self.path!r} does not exist; fix: check the path")
         if self.type == "corpus" and self.name not in CORPORA:
             raise ValueError(f"unknown corpus {self.name!r}; shipped corpora: {sorted(CORPORA)}")
         if self.type == "hf" and not self.name:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,12 +35,6 @@ from linearize.recipe import TrainingSection
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[torch.nn.Module], dict[str, float]]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    partial.replace(path)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -102,6 +97,14 @@ def _lr_lambda(section: TrainingSection) -> Callable[[int], float]:
     return factor
 
 
+def _complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``checkpoint/``, or the previous one if a swap was cut short."""
+    for candidate in (checkpoint_dir, checkpoint_dir.with_name("checkpoint.previous")):
+        if (candidate / "state.pt").is_file():
+            return candidate
+    return None
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -142,31 +145,50 @@ def train(
     checkpoint_dir = stage_dir / "checkpoint"
     best_path = stage_dir / "best.safetensors"
     parameters = list(trainable_state(model).values())
-    optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+    wrapped, optimizer = accelerator.prepare(
+        model, torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+    )
+    # Not prepared by accelerate: its scheduler wrapper steps once per process, and here one step is
+    # one global batch whatever the number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(section))
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, best, first, history_seconds = 0, None, None, 0.0
-    if (checkpoint_dir / "state.pt").is_file():
-        state = torch.load(checkpoint_dir / "state.pt", weights_only=False)
-        load_trainable_state(model, checkpoint_dir / "trainable.safetensors")
+    resume_from = _complete_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        state = torch.load(resume_from / "state.pt", weights_only=False)
+        load_trainable_state(model, resume_from / "trainable.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(torch.load(checkpoint_dir / f"rng_{accelerator.process_index}.pt", weights_only=False))
+        _set_rng_state(torch.load(resume_from / f"rng_{accelerator.process_index}.pt", weights_only=False))
         step, best, first, history_seconds = state["step"], state["best"], state["first"], state["seconds"]
         accelerator.print(f"{description}: resuming at step {step}/{section.steps}")
 
     def save_checkpoint() -> None:
+        # Every process writes into a staging folder; the main process then swaps it in with renames,
+        # so a kill at any moment leaves either the previous or the new checkpoint complete.
+        staging = checkpoint_dir.with_name("checkpoint.next")
         if accelerator.is_main_process:
-            checkpoint_dir.mkdir(exist_ok=True)
-            atomic_save_tensors(trainable_state(model), checkpoint_dir / "trainable.safetensors")
-            atomic_torch_save(
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), staging / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file({n: t.detach().cpu().contiguous() for n, t in trainable_state(model).items()},
+                      staging / "trainable.safetensors")
+            torch.save(
                 {"step": step, "best": best, "first": first, "seconds": history_seconds + time.perf_counter() - started,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                checkpoint_dir / "state.pt",
+                staging / "state.pt",
             )
         accelerator.wait_for_everyone()
-        atomic_torch_save(_rng_state(), checkpoint_dir / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            previous = checkpoint_dir.with_name("checkpoint.previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            if checkpoint_dir.exists():
+                checkpoint_dir.rename(previous)
+            staging.rename(checkpoint_dir)
+            shutil.rmtree(previous, ignore_errors=True)
+        accelerator.wait_for_everyone()
 
     def run_validation() -> None:
         nonlocal best, first

@@ -9,7 +9,16 @@ import textwrap
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import linearize
 
@@ -104,3 +113,19 @@ def reload_in_fresh_process(jobs: list[tuple[Path, Path, Path]]) -> None:
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+WORDS = ["[UNK]", "[PAD]", "the", "of", "and", "in", "to", "a", "is", "was", "The", ",", ".", "capital", "France"]
+
+
+def save_tiny_model_folder(folder: Path) -> Path:
+    """Save a tiny Llama and a small word-level tokenizer, like a local HF model folder."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="[PAD]")
+    model = tiny_llama()
+    model.config.max_position_embeddings = 1024  # room for 512-token evaluation chunks
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,25 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from model_testing import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from linearize.cli import main
-
-WORDS = ["[UNK]", "[PAD]", "the", "of", "and", "in", "to", "a", "is", "was", "The", ",", ".", "capital", "France"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    """A saved tiny Llama with a small word-level tokenizer, like a local HF model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
-    tiny_llama().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_convert_command_exports_and_checks(tiny_model_folder, tmp_path, capsys):

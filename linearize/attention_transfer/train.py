@@ -16,14 +16,19 @@ from linearize.attention_transfer.transfer_mode import transfer_mode
 from linearize.recipe import AttentionTransferSection
 from linearize.training import StageResult, train
 
-NEW_PARAMETER_MARKERS = (".core.", "k_enc_proj", "v_enc_proj", "c_attn_enc")
+ENCODER_MARKERS = ("k_enc_proj", "v_enc_proj", "c_attn_enc")
 
 
 def mark_transfer_parameters(model: torch.nn.Module) -> int:
-    """Make exactly the conversion's new parameters trainable; returns how many values train."""
+    """Make exactly the conversion's new parameters trainable; returns how many values train.
+
+    JRT encoders train only when the transfer forward reads a prefix (``jrt_prefix_length`` > 0);
+    otherwise they get no gradient, which DDP would treat as an error.
+    """
+    markers = (".core.",) + (ENCODER_MARKERS if model.linear_attention_options.jrt_prefix_length > 0 else ())
     count = 0
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(marker in name for marker in NEW_PARAMETER_MARKERS))
+        parameter.requires_grad_(any(marker in name for marker in markers))
         count += parameter.numel() if parameter.requires_grad else 0
     return count
 

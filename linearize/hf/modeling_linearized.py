@@ -117,6 +117,10 @@ class LinearAttentionCore(nn.Module):
             cache_layer.set_state(state, length)
         return out.to(q.dtype)
 
+    def prefix_length(self, requested: int | None) -> int:
+        """JRT prefix of a call: the caller's ``jrt_prefix_length``, else the configured default."""
+        return self.options.jrt_prefix_length if requested is None else requested
+
     def encoder_prefix_state(
         self,
         valid: torch.Tensor,
@@ -168,7 +172,7 @@ class LinearizedLlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
-        jrt_prefix_length: int = 0,
+        jrt_prefix_length: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = position_embeddings
@@ -186,7 +190,7 @@ class LinearizedLlamaAttention(nn.Module):
         out = self.core(
             q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups),
             attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
-            encoder_kv=encoder_kv, prefix_length=jrt_prefix_length,
+            encoder_kv=encoder_kv, prefix_length=self.core.prefix_length(jrt_prefix_length),
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.o_proj(out), None
@@ -224,7 +228,7 @@ class LinearizedGPT2Attention(nn.Module):
         hidden_states: torch.Tensor,
         cache=None,
         attention_mask: torch.Tensor | None = None,
-        jrt_prefix_length: int = 0,
+        jrt_prefix_length: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         q, k, v = (self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
@@ -233,7 +237,7 @@ class LinearizedGPT2Attention(nn.Module):
             encoder_kv = tuple(self._heads(x) for x in self.c_attn_enc(hidden_states).split(self.split_size, dim=2))
         out = self.core(
             q, k, v, attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
-            encoder_kv=encoder_kv, prefix_length=jrt_prefix_length,
+            encoder_kv=encoder_kv, prefix_length=self.core.prefix_length(jrt_prefix_length),
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.resid_dropout(self.c_proj(out)), None
