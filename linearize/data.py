@@ -64,7 +64,7 @@ def _hub_documents(source: DataSource) -> list[str]:
     try:
         import datasets
 
-        dataset = datasets.load_dataset(source.name, split=source.split)
+        dataset = datasets.load_dataset(source.name, source.config, split=source.split)
     except Exception as error:  # offline machines, unknown names and splits all land here
         raise UserError(
             f"could not load the dataset {source.name!r} (split {source.split!r}): {error}. "

@@ -73,11 +73,12 @@ class DataSource(Section):
     ``type``: ``corpus`` (a shipped corpus by ``name``), ``text`` (a plain-text file at ``path``),
     ``jsonl`` (one JSON object per line at ``path``; ``text_field`` holds the text, or
     ``instruction_field``/``response_field`` hold a chat turn rendered with the chat template), or
-    ``hf`` (a Hugging Face dataset ``name``/``split``, where a hub is reachable).
+    ``hf`` (a Hugging Face dataset ``name``/``config``/``split``, where a hub is reachable).
     """
 
     type: Literal["corpus", "text", "jsonl", "hf"]
     name: str | None = None
+    config: str | None = None  # hf: the dataset's configuration, e.g. "sample-10BT"
     path: str | None = None
     split: str = "train"
     text_field: str = "text"

@@ -1,7 +1,16 @@
-"""Fixtures shared by the model tests (helpers live in model_testing.py)."""
+"""Fixtures shared by the tests (helpers live in model_testing.py)."""
 
-import pytest
-from model_testing import TEACHERS, save_tiny_model_folder
+import os
+
+import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter, which has to be switched on before
+# anything (transformers, through torch._dynamo) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from model_testing import TEACHERS, save_tiny_model_folder  # noqa: E402
 
 
 @pytest.fixture(params=sorted(TEACHERS))

@@ -1,6 +1,6 @@
 """Attention transfer: distil each layer's linear attention from its own softmax attention."""
 
-from linearize.attention_transfer.losses import softmax_attention, transfer_losses
+from linearize.attention_transfer.losses import transfer_losses
 from linearize.attention_transfer.train import layer_losses, mark_transfer_parameters, run_attention_transfer
 from linearize.attention_transfer.transfer_mode import transfer_mode
 
@@ -8,7 +8,6 @@ __all__ = [
     "layer_losses",
     "mark_transfer_parameters",
     "run_attention_transfer",
-    "softmax_attention",
     "transfer_losses",
     "transfer_mode",
 ]

@@ -1,45 +1,45 @@
 """Attention-transfer losses between a layer's softmax attention (teacher) and its linear attention.
 
     xent: Hedgehog's cross-entropy between the softmax weights P and the linear weights A,
-          -sum_j P_ij log A_ij, averaged over queries and heads (Zhang et al. 2024).
-    mse:  LoLCATs' mean squared error between the attention outputs P v and the linear output
-          (Zhang et al. 2024, arXiv 2410.10254), before the output projection.
+          -sum_j P_ij log A_ij, averaged over queries and heads (Zhang et al. 2024, arXiv 2402.04347).
+    mse:  LoLCATs' mean squared error between the attention outputs P v and the linear output,
+          before the output projection (Zhang et al. 2024, arXiv 2410.10254).
 
-Both use the quadratic form, so they hold one [T, T] matrix per head: fine for the block lengths
-of CPU recipes (512); the tiled Triton loss removes that limit on GPU.
+On CUDA, for sequences without padding or JRT prefix, the tiled Triton kernels compute both with
+O(T) memory, so long blocks fit; elsewhere the materialising reference does (fine at CPU lengths).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
-from linearize.hf.attention_math import hybrid_attention_quadratic, token_positions
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float):
-    """Causal softmax attention of the teacher: weights [B, H, T, T] and output [B, H, T, D] (fp32)."""
-    positions = token_positions(valid)
-    allowed = (positions[:, None, None, :] <= positions[:, None, :, None]) & valid[:, None, None, :]
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    return weights, weights @ v.float()
+from linearize.kernels import dispatch
+from linearize.kernels.reference import hybrid_attention_quadratic
+from linearize.kernels.triton import transfer_losses_naive
 
 
-def transfer_losses(core, q, k, v, valid, initial_state=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-layer losses of ``core`` (a LinearAttentionCore) against softmax attention on q, k, v.
+def transfer_losses(
+    core, q, k, v, valid, initial_state=None, need_xent: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Losses of ``core`` (a LinearAttentionCore) against softmax attention on q, k, v [B, H, T, *].
 
-    Returns ({"xent": ..., "mse": ...}, the teacher's attention output [B, H, T, D]).
+    Returns ({"xent": ..., "mse": ...}, the teacher's attention output [B, H, T, D]). Without
+    ``need_xent`` only ``mse`` is computed, which needs neither attention matrix of the teacher.
     """
-    teacher_weights, teacher_out = softmax_attention(q, k, v, valid, core.scaling)
     options = core.options
-    student_out, student_weights = hybrid_attention_quadratic(
-        q, k, v, core.feature_map_q(q), core.feature_map_k(k), core.gamma(q.device),
-        window=options.window, sinks=options.sink_tokens, scaling=core.scaling, valid=valid,
-        initial_state=initial_state, eps=options.eps,
-    )
-    query_mask = valid[:, None, :].float()  # [B, 1, T]: padding queries do not count
-    per_query = -(teacher_weights * torch.log(student_weights.clamp_min(1e-12))).sum(dim=-1)
-    xent = (per_query * query_mask).sum() / (query_mask.sum() * q.shape[1])
-    squared = ((student_out - teacher_out) ** 2).mean(dim=-1)
-    mse = (squared * query_mask).sum() / (query_mask.sum() * q.shape[1])
-    return {"xent": xent, "mse": mse}, teacher_out
+    fq, fk, gamma = core.feature_map_q(q), core.feature_map_k(k), core.gamma(q.device)
+    common = dict(scaling=core.scaling, window=options.window, sinks=options.sink_tokens, eps=options.eps)
+    no_padding = bool(valid.all())
+    tiled = q.is_cuda and initial_state is None and no_padding
+    if not no_padding or (need_xent and not tiled):
+        return transfer_losses_naive(q, k, v, fq, fk, gamma, valid=valid, initial_state=initial_state, **common)
+    teacher_out = scaled_dot_product_attention(q, k, v, is_causal=True, scale=core.scaling).float()
+    if tiled:
+        losses = {"mse": dispatch.attention_output_mse(q, k, v, fq, fk, gamma, teacher_out, **common)}
+        if need_xent:
+            losses["xent"] = dispatch.attention_transfer_loss(q, k, fq, fk, gamma, **common)
+        return losses, teacher_out
+    # mse alone on the CPU: the teacher's output comes from SDPA, only the student's weights materialise.
+    student_out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, initial_state=initial_state, **common)
+    return {"mse": (student_out - teacher_out).pow(2).mean()}, teacher_out

@@ -40,7 +40,7 @@ def layer_losses(model: torch.nn.Module, blocks: torch.Tensor, section: Attentio
     device = next(model.parameters()).device
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].to(device)
-        with transfer_mode(model) as recorders:
+        with transfer_mode(model, need_xent=section.loss.xent > 0) as recorders:
             model(input_ids=batch, use_cache=False, logits_to_keep=1)
         for recorder in recorders:
             value = weighted(recorder.losses, section).item() * len(batch) / len(blocks)
@@ -50,7 +50,9 @@ def layer_losses(model: torch.nn.Module, blocks: torch.Tensor, section: Attentio
 
 
 def weighted(losses: dict[str, torch.Tensor], section: AttentionTransferSection) -> torch.Tensor:
-    return section.loss.xent * losses["xent"] + section.loss.mse * losses["mse"]
+    """The recipe's weighted sum of a layer's losses (a loss with weight 0 may be absent)."""
+    weights = {"xent": section.loss.xent, "mse": section.loss.mse}
+    return sum(weight * losses[name] for name, weight in weights.items() if weight > 0)
 
 
 def run_attention_transfer(
@@ -61,7 +63,7 @@ def run_attention_transfer(
     mark_transfer_parameters(model)
 
     def loss_fn(wrapped, batch):
-        with transfer_mode(model) as recorders:
+        with transfer_mode(model, need_xent=section.loss.xent > 0) as recorders:
             # Through the (possibly DDP) wrapper so gradients synchronise; the losses need no logits.
             wrapped(input_ids=batch, use_cache=False, logits_to_keep=1)
         per_layer = [weighted(recorder.losses, section) for recorder in recorders]

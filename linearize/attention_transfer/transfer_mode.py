@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from linearize.attention_transfer.losses import softmax_attention, transfer_losses
+from linearize.attention_transfer.losses import transfer_losses
+from linearize.kernels.triton import softmax_attention
 from linearize.hf.modeling_linearized import LinearAttentionCore, new_token_validity
 
 
@@ -22,10 +23,11 @@ class LayerTransfer:
     """Takes the place of one ``LinearAttentionCore.forward``: returns softmax attention and
     records the layer's losses in ``losses``."""
 
-    def __init__(self, core: LinearAttentionCore, layer: int, with_losses: bool):
+    def __init__(self, core: LinearAttentionCore, layer: int, with_losses: bool, need_xent: bool):
         self.core = core
         self.layer = layer
         self.with_losses = with_losses
+        self.need_xent = need_xent
         self.losses: dict[str, torch.Tensor] = {}
 
     def __call__(self, q, k, v, *, attention_mask, cache_layer, encoder_kv=None, prefix_length=0):
@@ -33,9 +35,9 @@ class LayerTransfer:
             raise ValueError("transfer mode runs without a cache: call the model with use_cache=False")
         valid = new_token_validity(attention_mask, q.shape[0], q.shape[2], q.device)
         if not self.with_losses:
-            return softmax_attention(q, k, v, valid, self.core.scaling)[1].to(q.dtype)
+            return softmax_attention(q, k, v, self.core.scaling, valid)[1].to(q.dtype)
         initial = self.core.encoder_prefix_state(valid, encoder_kv, prefix_length)
-        self.losses, teacher_out = transfer_losses(self.core, q, k, v, valid, initial_state=initial)
+        self.losses, teacher_out = transfer_losses(self.core, q, k, v, valid, initial, self.need_xent)
         return teacher_out.detach().to(q.dtype)
 
 
@@ -46,13 +48,14 @@ def linear_attention_layers(model: nn.Module) -> list[tuple[int, LinearAttention
 
 
 @contextmanager
-def transfer_mode(model: nn.Module, with_losses: bool = True):
+def transfer_mode(model: nn.Module, with_losses: bool = True, need_xent: bool = True):
     """Make every linear layer compute its teacher's attention; yields the ``LayerTransfer`` list.
 
-    With ``with_losses=False`` the model is exactly the teacher (used for distillation targets).
+    With ``with_losses=False`` the model is exactly the teacher (used for distillation targets);
+    ``need_xent=False`` skips the attention-weight loss (cheaper: only ``mse`` is recorded).
     """
     layers = linear_attention_layers(model)
-    recorders = [LayerTransfer(core, index, with_losses) for index, core in layers]
+    recorders = [LayerTransfer(core, index, with_losses, need_xent) for index, core in layers]
     for (_, core), recorder in zip(layers, recorders):
         core.forward = recorder  # an instance attribute shadows the class's forward
     try:

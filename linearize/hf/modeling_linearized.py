@@ -34,8 +34,11 @@ from .linearized_cache import LinearizedCache, RecurrentStateLayer
 
 try:  # fused kernels and device dispatch, when the linearize package is installed
     from linearize.kernels import hybrid_attention as _hybrid_attention
+
+    _STATELESS = {"return_state": False}  # without a cache the dispatcher may skip building a state
 except ImportError:  # an export loaded without linearize: the exact PyTorch math
     _hybrid_attention = hybrid_attention_chunked
+    _STATELESS = {}
 
 
 def new_token_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -112,6 +115,7 @@ class LinearAttentionCore(nn.Module):
         out, state = _hybrid_attention(
             q, k, v, fq, fk, self.gamma(q.device), state, window=options.window, sinks=options.sink_tokens,
             scaling=self.scaling, valid=valid, chunk_size=options.chunk_size, eps=options.eps,
+            **({} if cache_layer is not None else _STATELESS),
         )
         if cache_layer is not None:
             cache_layer.set_state(state, length)

@@ -1,8 +1,13 @@
 """Attention kernels: exact PyTorch reference (CPU) and fused Triton kernels (CUDA), one dispatcher.
 
-Model code calls only :func:`hybrid_attention`; it picks the backend from the tensors' device.
+Model code calls only these functions; each picks the backend from the tensors' device.
 """
 
-from linearize.kernels.dispatch import hybrid_attention
+from linearize.kernels.dispatch import (
+    attention_output_mse,
+    attention_transfer_loss,
+    hybrid_attention,
+    hybrid_attention_decode,
+)
 
-__all__ = ["hybrid_attention"]
+__all__ = ["attention_output_mse", "attention_transfer_loss", "hybrid_attention", "hybrid_attention_decode"]

@@ -5,7 +5,7 @@ bf16 against torch SDPA (FlashAttention backend) and, when installed, flash-line
 ``chunk_linear_attn``. On a CPU: the exact PyTorch reference path (what CPU runs use) in fp32
 against SDPA; the Triton kernels only run in an interpreter there, which says nothing about speed.
 
-Each case is timed forward only and forward + backward, as the median of a few runs after a warmup,
+Each case is timed forward only and forward + backward, as the best of a few runs after a warmup,
 with the device synchronised around every run. Results go to ``kernels.json``, ``kernels.md`` and
 ``kernels.png`` in the output directory.
 """
@@ -13,7 +13,6 @@ with the device synchronised around every run. Results go to ``kernels.json``, `
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ GPU_SHAPE = BenchShape(batch=2, heads=32, head_dim=64, feature_dim=128, value_di
                        warmup=3, repeats=10)
 # SmolLM2-135M sizes (9 heads of 64); few repeats so a 2-core machine finishes in a couple of minutes.
 CPU_SHAPE = BenchShape(batch=1, heads=9, head_dim=64, feature_dim=128, value_dim=64, dtype="float32",
-                       warmup=1, repeats=2)
+                       warmup=1, repeats=3)
 
 Inputs = dict[str, torch.Tensor]
 Variant = Callable[[Inputs], torch.Tensor]
@@ -118,7 +117,8 @@ def _variants(device: str) -> dict[str, Variant]:
 
 
 def _time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, synchronising the device around each run."""
+    """Best wall time of ``fn`` over ``repeats`` runs in milliseconds, synchronising the device around
+    each run. The minimum, not the mean: other load on the machine only ever adds time."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -129,7 +129,7 @@ def _time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def _measure(variant: Variant, x: Inputs, device: str, shape: BenchShape) -> dict[str, float | None]:

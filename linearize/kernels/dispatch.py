@@ -4,19 +4,24 @@
 call and the exact PyTorch reference otherwise (CPU tensors, padding inside the sequence, a state
 whose softmax buffer is not empty for a multi-token call). ``"reference"`` forces the reference;
 ``"triton"`` forces the kernels (on CPU they run in Triton's interpreter, for tests) and raises
-ValueError for a call they do not cover.
+UserError for a call they do not cover.
 
 The Triton package is imported on first use only, so the reference path works where it is missing.
+A bad backend choice is a ``UserError`` (a ValueError the CLI reports as one line); shapes that do
+not fit raise ValueError naming the tensor, the expected and the actual shape.
 """
 
 from __future__ import annotations
 
 import torch
 
+from linearize.errors import UserError
 from linearize.kernels import reference
 from linearize.kernels.reference import EPS, RecurrentState
 
 BACKENDS = ("auto", "reference", "triton")
+# Up to this length a state-less reference call materialises [T, T] (fewer, larger ops than chunks).
+QUADRATIC_MAX_LENGTH = 1024
 
 
 def _kernels():
@@ -24,13 +29,18 @@ def _kernels():
     from linearize.kernels import triton as kernels
 
     if not kernels.KERNELS_AVAILABLE:
-        raise ValueError("the Triton kernels need the triton package (pip install triton); use backend='reference'")
+        raise UserError("the Triton kernels need the triton package (pip install triton); use backend='reference'")
+    if not kernels.INTERPRETER_READY:
+        raise UserError(
+            "without a CUDA device the Triton kernels run in Triton's interpreter, which must be on before "
+            "triton is imported: set TRITON_INTERPRET=1 in the environment, or use backend='reference'"
+        )
     return kernels
 
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise UserError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_inputs(
@@ -145,12 +155,15 @@ def hybrid_attention(
     chunk_size: int = 128,
     eps: float = EPS,
     backend: str = "auto",
-) -> tuple[torch.Tensor, RecurrentState]:
+    return_state: bool = True,
+) -> tuple[torch.Tensor, RecurrentState | None]:
     """Window + linear attention from ``state``; see ``reference.hybrid_attention_chunked``.
 
     Shapes: q, k [B, H, T, d]; v [B, H, T, D]; fq, fk [B, H, T, F]; gamma [H]; valid [B, T].
     Returns out [B, H, T, D] (fp32) and the state after the last token, the same ``RecurrentState``
-    (S, z and softmax buffer) on every backend. ``chunk_size`` only affects the reference.
+    (S, z and softmax buffer) on every backend. ``chunk_size`` only affects the reference. With
+    ``return_state=False`` (no cache: training, scoring) the reference may use the quadratic form,
+    which is faster on CPU at moderate lengths, and returns None for the state.
     """
     _check_backend(backend)
     _check_inputs(q, k, v, fq, fk, gamma, valid)
@@ -162,7 +175,12 @@ def hybrid_attention(
         if reason is None:
             return _hybrid_triton(q, k, v, fq, fk, gamma, state, window, sinks, scaling, eps)
         if backend == "triton":
-            raise ValueError(f"backend='triton' does not support {reason}; use backend='auto' or 'reference'")
+            raise UserError(f"backend='triton' does not support {reason}; use backend='auto' or 'reference'")
+    if not return_state and state is None and q.shape[2] <= QUADRATIC_MAX_LENGTH:
+        out, _ = reference.hybrid_attention_quadratic(
+            q, k, v, fq, fk, gamma, window=window, sinks=sinks, scaling=scaling, valid=valid, eps=eps,
+        )
+        return out, None
     return reference.hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, state, window=window, sinks=sinks, scaling=scaling, valid=valid,
         chunk_size=chunk_size, eps=eps,
@@ -217,19 +235,51 @@ def attention_transfer_loss(
     k: torch.Tensor,
     fq: torch.Tensor,
     fk: torch.Tensor,
+    gamma: torch.Tensor | None = None,
     *,
     scaling: float,
+    window: int = 0,
+    sinks: int = 0,
     eps: float = EPS,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy from the teacher's causal softmax weights to the linear-attention weights.
+    """Cross-entropy from the teacher's causal softmax weights to the student's attention weights
+    (those of ``hybrid_attention_quadratic`` for window, sinks, gamma; gamma defaults to ones).
 
-    Shapes: q, k [B, H, T, d]; fq, fk [B, H, T, F]. Returns a scalar averaged over queries. The
-    Triton kernel is tiled (O(T) memory); the reference materialises [T, T] (short sequences, CPU).
+    Shapes: q, k [B, H, T, d]; fq, fk [B, H, T, F]; gamma [H]. Returns a scalar averaged over
+    queries. The Triton kernel is tiled (O(T) memory); the reference materialises [T, T].
     """
     _check_backend(backend)
+    options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
     if _use_triton(backend, q):
-        return _kernels().attention_transfer_loss(q, k, fq, fk, scaling=scaling, eps=eps)
+        return _kernels().attention_transfer_loss(q, k, fq, fk, gamma, **options)
     from linearize.kernels.triton import attention_transfer_loss_naive
 
-    return attention_transfer_loss_naive(q, k, fq, fk, scaling=scaling, eps=eps)
+    return attention_transfer_loss_naive(q, k, fq, fk, gamma, **options)
+
+
+def attention_output_mse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    teacher_out: torch.Tensor,
+    *,
+    scaling: float,
+    window: int = 0,
+    sinks: int = 0,
+    eps: float = EPS,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean squared error between the student's attention output and ``teacher_out`` [B, H, T, D].
+
+    The Triton path runs the chunked kernel (O(T) memory); the reference runs the chunked reference.
+    """
+    _check_backend(backend)
+    options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
+    if _use_triton(backend, q):
+        return _kernels().attention_output_mse(q, k, v, fq, fk, gamma, teacher_out, **options)
+    out, _ = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, **options)
+    return (out - teacher_out.float()).pow(2).mean()

@@ -20,13 +20,12 @@ import triton
 import triton.language as tl
 
 from linearize.kernels.reference import EPS, RecurrentState
-from linearize.kernels.triton.utils import block, check_shape, launch_configs
+from linearize.kernels.triton.utils import block, check_shape
 
 NEG_BIG = tl.constexpr(-1e30)
 
 
-@triton.autotune(configs=launch_configs(), key=["BC", "BK", "BF", "BD"])
-@triton.jit
+@triton.jit  # not autotuned: it updates the state in place, so every trial run would add the token again
 def _decode_kernel(
     q, k, v, fq, fk, gamma, S, z, keys, feats, values, positions, write_slot, fold_slot, new_soft, o,
     H, C, K, F, D, scaling, eps,
@@ -74,7 +73,8 @@ def _decode_kernel(
     i_fold = tl.load(fold_slot + i_b)
     i_write = tl.load(write_slot + i_b)
     is_fold = o_c == i_fold
-    fold_fk = tl.sum(tl.where(is_fold[:, None], tl.load(p_feats, mask=filled[:, None] & m_f[None, :], other=0.0), 0.0), axis=0)
+    b_feats = tl.load(p_feats, mask=filled[:, None] & m_f[None, :], other=0.0)
+    fold_fk = tl.sum(tl.where(is_fold[:, None], b_feats, 0.0), axis=0)
     fold_v = tl.sum(tl.where(is_fold[:, None], b_values, 0.0), axis=0)
     own = tl.where(i_write < 0, 1.0, 0.0)
     b_S += fold_fk[:, None] * fold_v[None, :] + own * b_fk[:, None] * b_v[None, :]
@@ -82,9 +82,14 @@ def _decode_kernel(
     tl.store(p_S, b_S, mask=m_fd)
     tl.store(z + i_bh * F + o_f, b_z, mask=m_f)
     is_write = (o_c == i_write)[:, None]
-    tl.store(p_keys, tl.where(is_write, b_k[None, :], b_keys), mask=is_write & m_k[None, :])
-    tl.store(p_feats, tl.where(is_write, b_fk[None, :], 0.0), mask=is_write & m_f[None, :])
-    tl.store(p_values, tl.where(is_write, b_v[None, :], b_values), mask=is_write & m_d[None, :])
+    tl.store(p_keys, tl.broadcast_to(b_k[None, :], (BC, BK)), mask=is_write & m_k[None, :])
+    tl.store(p_feats, tl.broadcast_to(b_fk[None, :], (BC, BF)), mask=is_write & m_f[None, :])
+    tl.store(p_values, tl.broadcast_to(b_v[None, :], (BC, BD)), mask=is_write & m_d[None, :])
+
+
+def ring_slot(position: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """Ring slot of each key position (>= 0); only meaningful for positions the buffer keeps."""
+    return torch.where(position < sinks, position, sinks + (position - sinks) % max(window - 1, 1))
 
 
 @dataclass
@@ -105,39 +110,36 @@ class DecodeState:
     window: int
     sinks: int
 
-    def slot_of(self, position: torch.Tensor) -> torch.Tensor:
-        """Ring slot of each key position (>= 0); only meaningful for positions that are kept."""
-        ring = max(self.window - 1, 1)
-        return torch.where(position < self.sinks, position, self.sinks + (position - self.sinks) % ring)
-
     @classmethod
     def from_recurrent(cls, state: RecurrentState, window: int, sinks: int) -> DecodeState:
         """The same state as ``state`` (a ``reference.RecurrentState``) in ring-buffer layout."""
-        batch, heads, _, head_dim = state.keys.shape
+        batch, heads = state.keys.shape[:2]
         capacity = sinks + max(window - 1, 0)
-        empty = cls(
-            S=state.S.float().clone(), z=state.z.float().clone(),
-            keys=state.keys.new_zeros(batch, heads, capacity + 1, head_dim, dtype=torch.float32),
-            features=state.features.new_zeros(batch, heads, capacity + 1, state.features.shape[-1], dtype=torch.float32),
-            values=state.values.new_zeros(batch, heads, capacity + 1, state.values.shape[-1], dtype=torch.float32),
-            positions=state.positions.new_full((batch, capacity + 1), -1),
-            seen=state.seen.clone(), window=window, sinks=sinks,
-        )
-        # Empty reference slots go to the extra last slot, which is cut off below.
         filled = state.positions >= 0
-        slot = torch.where(filled, empty.slot_of(state.positions.clamp(min=0)), torch.full_like(state.positions, capacity))
-        for src, dst in ((state.keys, empty.keys), (state.features, empty.features), (state.values, empty.values)):
-            dst.scatter_(2, slot[:, None, :, None].expand(-1, heads, -1, dst.shape[-1]), src.float())
-        empty.positions.scatter_(1, slot, torch.where(filled, state.positions, -1))
+        # Empty reference slots are sent to one extra slot, which is cut off afterwards.
+        slot = torch.where(filled, ring_slot(state.positions.clamp(min=0), window, sinks), capacity)
+
+        def scatter(t: torch.Tensor) -> torch.Tensor:
+            ring = t.new_zeros(batch, heads, capacity + 1, t.shape[-1], dtype=torch.float32)
+            ring.scatter_(2, slot[:, None, :, None].expand(-1, heads, -1, t.shape[-1]), t.float())
+            return ring[:, :, :capacity].contiguous()
+
+        positions = state.positions.new_full((batch, capacity + 1), -1)
+        positions.scatter_(1, slot, torch.where(filled, state.positions, -1))
         return cls(
-            S=empty.S, z=empty.z, keys=empty.keys[:, :, :capacity].contiguous(),
-            features=empty.features[:, :, :capacity].contiguous(), values=empty.values[:, :, :capacity].contiguous(),
-            positions=empty.positions[:, :capacity].contiguous(), seen=empty.seen, window=window, sinks=sinks,
+            S=state.S.float().clone(), z=state.z.float().clone(), keys=scatter(state.keys),
+            features=scatter(state.features), values=scatter(state.values),
+            positions=positions[:, :capacity].contiguous(), seen=state.seen.clone(), window=window, sinks=sinks,
         )
 
-    def to_recurrent(self) -> RecurrentState:
-        """The ``reference.RecurrentState`` with the same content (slots sorted by position, empty last)."""
+    def to_recurrent(self, slots: int | None = None) -> RecurrentState:
+        """The ``reference.RecurrentState`` with the same content (slots sorted by position, empty last).
+
+        ``slots``: buffer length of the result; by default min(tokens seen, capacity), the reference's
+        length when no padding was ever consumed (padding also counts there).
+        """
         length = min(int(self.seen.max()) if self.seen.numel() else 0, self.positions.shape[1])
+        length = length if slots is None else slots
         order = torch.where(self.positions >= 0, self.positions, torch.iinfo(torch.long).max)
         index = order.argsort(dim=-1, stable=True)[:, :length]
 
@@ -179,19 +181,24 @@ def decode_step(
     check_shape("fk", fk, fq.shape)
     check_shape("gamma", gamma, (heads,))
     window, sinks, capacity = state.window, state.sinks, state.positions.shape[1]
+    # Bookkeeping per batch row for the new token at position `seen` (see the module docstring):
     position = state.seen
-    kept = (position < sinks) | (window >= 2)
-    write = torch.where(kept, state.slot_of(position), -1)
-    leaving = position + 1 - window
-    fold = torch.where((window >= 2) & (leaving >= sinks) & (leaving >= 0), state.slot_of(leaving.clamp(min=0)), -1)
-    new_soft = ((position < sinks) | (window > 0)).int()
+    kept = (position < sinks) | (window >= 2)  # it stays in the buffer, in slot `write` ...
+    write = torch.where(kept, ring_slot(position, window, sinks), -1)  # ... else it is folded at once
+    leaving = position + 1 - window  # the key that now leaves the softmax part, if it is no sink
+    fold = torch.where((window >= 2) & (leaving >= sinks), ring_slot(leaving.clamp(min=0), window, sinks), -1)
+    new_soft = ((position < sinks) | (window > 0)).int()  # the query's own key is in its softmax part
     out = q.new_empty(batch, heads, 1, value_dim, dtype=torch.float32)
+    # With no slots (sinks = 0, window <= 1) every slot access is masked off, but the pointers must
+    # still be valid device memory.
+    slots = [t if t.numel() else out for t in (state.keys, state.features, state.values)]
+    positions = state.positions if state.positions.numel() else write
     _decode_kernel[(batch * heads,)](
         q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(), gamma.contiguous(),
-        state.S, state.z, state.keys, state.features, state.values, state.positions,
+        state.S, state.z, *slots, positions,
         write.contiguous(), fold.contiguous(), new_soft, out,
         heads, capacity, head_dim, feat, value_dim, scaling, eps,
-        BC=block(capacity, 1), BK=block(head_dim, 1), BF=block(feat, 1), BD=block(value_dim, 1),
+        BC=block(capacity, 1), BK=block(head_dim, 1), BF=block(feat, 1), BD=block(value_dim, 1), num_warps=4,
     )
     # Which slot holds which position is bookkeeping shared by all heads.
     rows = torch.arange(batch, device=write.device)[kept]

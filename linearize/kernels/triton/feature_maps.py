@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from linearize.kernels.triton.utils import block, check_rank, check_shape, launch_configs
+from linearize.kernels.triton.utils import (
+    block,
+    check_rank,
+    check_shape,
+    launch_configs,
+    load_rows,
+    same_dtype,
+    store_rows,
+)
 
 CHUNK = 64
 ROWS = 1024  # tokens per program: bounds the number of partial weight gradients to sum
@@ -36,11 +44,10 @@ ROWS = 1024  # tokens per program: bounds the number of partial weight gradients
 def _project(x, w, i_bh, i_h, o_t, T, K, E, BK: tl.constexpr, BE: tl.constexpr):
     """x [BT, BK] of rows ``o_t`` and u = x W[i_h] [BT, BE] in fp32."""
     o_k, o_e = tl.arange(0, BK), tl.arange(0, BE)
-    b_x = tl.load(x + i_bh * T * K + o_t[:, None] * K + o_k[None, :],
-                  mask=(o_t[:, None] < T) & (o_k[None, :] < K), other=0.0)
+    b_x = load_rows(x, i_bh, o_t, T, K, BK)
     b_w = tl.load(w + i_h * K * E + o_k[:, None] * E + o_e[None, :],
                   mask=(o_k[:, None] < K) & (o_e[None, :] < E), other=0.0)
-    return b_x, tl.dot(b_x, b_w, input_precision="ieee")
+    return b_x, tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -55,8 +62,11 @@ def _hedgehog_softmaxes(u, m_e):
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BE"])
 @triton.jit
-def _hedgehog_fwd_kernel(x, w, b, out, T, H, K, E, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+def _hedgehog_fwd_kernel(
+    x, w, b, out, T, H, K, E,
+    ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
     o_e = tl.arange(0, BE)
     m_e = o_e < E
@@ -77,7 +87,7 @@ def _hedgehog_bwd_kernel(
     x, w, b, dout, dx, dw_part, db_part, T, H, K, E,
     ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
     o_k, o_e = tl.arange(0, BK), tl.arange(0, BE)
     m_e = o_e < E
@@ -97,8 +107,7 @@ def _hedgehog_bwd_kernel(
         b_dn = tl.load(base + E, mask=mask, other=0.0).to(tl.float32)
         # Softmax backward for both halves; the second one sees -u.
         b_du = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None]) - b_n * (b_dn - tl.sum(b_n * b_dn, axis=1)[:, None])
-        tl.store(dx + i_bh * T * K + o_t[:, None] * K + o_k[None, :],
-                 tl.dot(b_du, tl.trans(b_w), input_precision="ieee"), mask=m_t[:, None] & (o_k[None, :] < K))
+        store_rows(dx, tl.dot(b_du, tl.trans(b_w), input_precision="ieee"), i_bh, o_t, T, K, BK)
         b_dw += tl.dot(tl.trans(b_x.to(tl.float32)), b_du, input_precision="ieee")
         b_db += tl.sum(b_du, axis=0)
     i_p = i_bh * tl.num_programs(0) + i_t
@@ -122,17 +131,15 @@ def _based_fwd_kernel(
     x, w, c0, lt, rt, ct, out, T, H, K, E, N,
     ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
-    o_n = tl.arange(0, BN)
     b_c0, b_l, b_r, b_c = _taylor_tables(c0, lt, rt, ct, E, N, BE, BN)
     for i_r in range(0, tl.minimum(tl.cdiv(ROWS, BT), tl.cdiv(T - i_t * ROWS, BT))):
         o_t = i_t * ROWS + i_r * BT + tl.arange(0, BT)
         _, b_u = _project(x, w, i_bh, i_h, o_t, T, K, E, BK, BE)
         b_phi = (b_c0[None, :] + tl.dot(b_u, b_l, input_precision="ieee")
                  + tl.dot(b_u, b_r, input_precision="ieee") * tl.dot(b_u, b_c, input_precision="ieee"))
-        tl.store(out + i_bh * T * N + o_t[:, None] * N + o_n[None, :], b_phi.to(out.dtype.element_ty),
-                 mask=(o_t[:, None] < T) & (o_n[None, :] < N))
+        store_rows(out, b_phi, i_bh, o_t, T, N, BN)
 
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BE", "BN"])
@@ -141,26 +148,23 @@ def _based_bwd_kernel(
     x, w, c0, lt, rt, ct, dout, dx, dw_part, T, H, K, E, N,
     ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
-    o_k, o_e, o_n = tl.arange(0, BK), tl.arange(0, BE), tl.arange(0, BN)
+    o_k, o_e = tl.arange(0, BK), tl.arange(0, BE)
     _, b_l, b_r, b_c = _taylor_tables(c0, lt, rt, ct, E, N, BE, BN)
     b_w = tl.load(w + i_h * K * E + o_k[:, None] * E + o_e[None, :],
                   mask=(o_k[:, None] < K) & (o_e[None, :] < E), other=0.0).to(tl.float32)
     b_dw = tl.zeros([BK, BE], dtype=tl.float32)
     for i_r in range(0, tl.minimum(tl.cdiv(ROWS, BT), tl.cdiv(T - i_t * ROWS, BT))):
         o_t = i_t * ROWS + i_r * BT + tl.arange(0, BT)
-        m_t = o_t < T
         b_x, b_u = _project(x, w, i_bh, i_h, o_t, T, K, E, BK, BE)
-        b_do = tl.load(dout + i_bh * T * N + o_t[:, None] * N + o_n[None, :],
-                       mask=m_t[:, None] & (o_n[None, :] < N), other=0.0).to(tl.float32)
+        b_do = load_rows(dout, i_bh, o_t, T, N, BN).to(tl.float32)
         b_ur = tl.dot(b_u, b_r, input_precision="ieee")
         b_uc = tl.dot(b_u, b_c, input_precision="ieee")
         b_du = (tl.dot(b_do, tl.trans(b_l), input_precision="ieee")
                 + tl.dot(b_do * b_uc, tl.trans(b_r), input_precision="ieee")
                 + tl.dot(b_do * b_ur, tl.trans(b_c), input_precision="ieee"))
-        tl.store(dx + i_bh * T * K + o_t[:, None] * K + o_k[None, :],
-                 tl.dot(b_du, tl.trans(b_w), input_precision="ieee"), mask=m_t[:, None] & (o_k[None, :] < K))
+        store_rows(dx, tl.dot(b_du, tl.trans(b_w), input_precision="ieee"), i_bh, o_t, T, K, BK)
         b_dw += tl.dot(tl.trans(b_x.to(tl.float32)), b_du, input_precision="ieee")
     i_p = i_bh * tl.num_programs(0) + i_t
     tl.store(dw_part + i_p * K * E + o_k[:, None] * E + o_e[None, :], b_dw,
@@ -282,14 +286,14 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         x: [B, H, T, d] queries or keys.
         weight: [H, d, e] per-head projection; bias: [H, e].
     Returns:
-        [B, H, T, 2e] in x's dtype (softmaxes in fp32); gradients flow into x, weight and bias.
+        [B, H, T, 2e] in the promoted dtype of x and weight (computed in fp32); gradients flow into x, weight and bias.
     """
     check_rank("x", x, 4, "[B, H, T, d]")
     heads, dim = x.shape[1], x.shape[-1]
     check_rank("weight", weight, 3, "[H, d, e]")
     check_shape("weight", weight, (heads, dim, weight.shape[-1]))
     check_shape("bias", bias, (heads, weight.shape[-1]))
-    return HedgehogFeatureMap.apply(x.contiguous(), weight.contiguous(), bias.contiguous())
+    return HedgehogFeatureMap.apply(*same_dtype(x, weight, bias))
 
 
 def based_feature_map(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -307,4 +311,4 @@ def based_feature_map(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor
     heads, dim = x.shape[1], x.shape[-1]
     check_rank("projection", projection, 3, "[H, d, f]")
     check_shape("projection", projection, (heads, dim, projection.shape[-1]))
-    return BasedFeatureMap.apply(x.contiguous(), projection.contiguous())
+    return BasedFeatureMap.apply(*same_dtype(x, projection))

@@ -12,8 +12,9 @@ normaliser (``chunk_linear_attention``); the kernels then never read q or k.
 Layout of the computation (chunks of BT tokens, all programs of one kind run in parallel):
     * ``_states_fwd_kernel`` walks the chunks once and stores h[c] = S0 + sum fk_j v_j^T over
       sinks <= j < c*BT (and hz[c], the same for z), plus the final state the reference keeps
-      (keys sinks <= j <= T - window, the others stay in the softmax buffer).
-    * ``_hybrid_fwd_kernel`` gives each query chunk c the state h[c - DELTA] of every key that is
+      (keys sinks <= j <= T - window, the others stay in the softmax buffer). Keys past T - window
+      are left out of every h[c] as well: no query reads a state that would contain them.
+    * ``_hybrid_fwd_kernel`` gives each query chunk c the state h[max(c - DELTA, 0)] of every key that is
       linear for all its queries (DELTA = ceil((window - 1) / BT) chunks back), then visits the sink
       chunks and the band of chunks [c - DELTA, c] key block by key block with exact masks. Softmax
       keys use an online maximum; linear keys are never rescaled, so numerator and denominator are
@@ -21,7 +22,8 @@ Layout of the computation (chunks of BT tokens, all programs of one kind run in 
     * The backward mirrors this: ``_hybrid_bwd_dq_kernel`` (queries: dq, dfq, per-query dgamma),
       ``_states_bwd_kernel`` (the state gradients dh[c] in reverse, and dS0, dz0) and
       ``_hybrid_bwd_dkv_kernel`` (keys: dk, dfk, dv).
-All accumulation is fp32; the output is fp32 like the reference.
+All accumulation is fp32; the output is fp32 like the reference. On a GPU, fp32 inputs go through
+tensor-core dots in tf32 (as in fla); bf16/fp16 inputs are the fast path.
 """
 
 from __future__ import annotations
@@ -33,7 +35,16 @@ import triton
 import triton.language as tl
 
 from linearize.kernels.reference import EPS
-from linearize.kernels.triton.utils import block, check_rank, check_shape, launch_configs
+from linearize.kernels.triton.utils import (
+    block,
+    check_rank,
+    check_shape,
+    launch_configs,
+    load_rows,
+    part_masks,
+    same_dtype,
+    store_rows,
+)
 
 CHUNK = 64
 # Stand-in for -inf in the running softmax maximum: keeps exp(m_old - m_new) finite (exp(0) = 1 when
@@ -46,6 +57,44 @@ NEG_BIG = tl.constexpr(-1e30)
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _load_state(h, hz, i_bh, i_c, NT, F, D, BF: tl.constexpr, BD: tl.constexpr):
+    """Chunk state number ``i_c`` of program ``i_bh``: h [BF, BD] and hz [BF] (fp32)."""
+    o_f, o_d = tl.arange(0, BF), tl.arange(0, BD)
+    b_h = tl.load(h + (i_bh * NT + i_c) * F * D + o_f[:, None] * D + o_d[None, :],
+                  mask=(o_f[:, None] < F) & (o_d[None, :] < D), other=0.0)
+    b_hz = tl.load(hz + (i_bh * NT + i_c) * F + o_f, mask=o_f < F, other=0.0)
+    return b_h, b_hz
+
+
+@triton.jit
+def _softmax_step(b_q, b_k, b_v, soft, scaling, b_m, b_num, b_den):
+    """Online softmax over one key block: new running max, numerator [BT, BD] and denominator [BT]."""
+    b_s = tl.where(soft, tl.dot(b_q, tl.trans(b_k)) * scaling, NEG_BIG)
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_scale = tl.exp(b_m - b_m_new)
+    b_p = tl.where(soft, tl.exp(b_s - b_m_new[:, None]), 0.0)
+    b_num = b_num * b_scale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    b_den = b_den * b_scale + tl.sum(b_p, axis=1)
+    return b_m_new, b_num, b_den
+
+
+@triton.jit
+def _softmax_weights(b_q, b_k, b_m, soft, scaling):
+    """e^(s - m) [BTq, BTk] on the softmax part, 0 elsewhere, with the forward's maximum m [BTq]."""
+    return tl.where(soft, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scaling - b_m[:, None]), 0.0)
+
+
+@triton.jit
+def _query_grads(do, den, delta, i_bh, o_i, T, D, BD: tl.constexpr):
+    """d loss / d numerator [BT, BD] and d loss / d denominator [BT] of queries ``o_i``."""
+    m_i = o_i < T
+    b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
+    b_dn = load_rows(do, i_bh, o_i, T, D, BD).to(tl.float32) / b_den[:, None]
+    b_dd = -tl.load(delta + i_bh * T + o_i, mask=m_i, other=0.0) / b_den
+    return b_dn, b_dd
+
+
 @triton.autotune(configs=launch_configs(), key=["BF", "BD", "BT"])
 @triton.jit
 def _states_fwd_kernel(
@@ -53,41 +102,31 @@ def _states_fwd_kernel(
     T, F, D, NT, sinks, fold_end,
     HAS_INIT: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_d, i_bh = tl.program_id(0), tl.program_id(1)
+    i_d, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_f = tl.arange(0, BF)
     o_d = i_d * BD + tl.arange(0, BD)
-    o_t = tl.arange(0, BT)
+    p_fd = o_f[:, None] * D + o_d[None, :]  # one [F, D] state, this program's D tile
     m_fd = (o_f[:, None] < F) & (o_d[None, :] < D)
     b_s = tl.zeros([BF, BD], dtype=tl.float32)
     b_z = tl.zeros([BF], dtype=tl.float32)
     if HAS_INIT:
-        b_s += tl.load(s0 + i_bh * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
+        b_s += tl.load(s0 + i_bh * F * D + p_fd, mask=m_fd, other=0.0)
         b_z += tl.load(z0 + i_bh * F + o_f, mask=o_f < F, other=0.0)
     for c in range(NT):
-        h_off = (i_bh * NT + c) * F * D
-        tl.store(h + h_off + o_f[:, None] * D + o_d[None, :], b_s, mask=m_fd)
+        tl.store(h + (i_bh * NT + c) * F * D + p_fd, b_s, mask=m_fd)
         if i_d == 0:
             tl.store(hz + (i_bh * NT + c) * F + o_f, b_z, mask=o_f < F)
-        t = c * BT + o_t
+        o_t = c * BT + tl.arange(0, BT)
         # Only keys that ever leave the softmax part enter the state.
-        fold = (t >= sinks) & (t < fold_end)
-        b_fk = tl.load(fk + i_bh * T * F + t[:, None] * F + o_f[None, :],
-                       mask=fold[:, None] & (o_f[None, :] < F), other=0.0)
-        b_v = tl.load(v + i_bh * T * D + t[:, None] * D + o_d[None, :],
-                      mask=(t[:, None] < T) & (o_d[None, :] < D), other=0.0)
+        fold = (o_t >= sinks) & (o_t < fold_end)
+        b_fk = tl.where(fold[:, None], load_rows(fk, i_bh, o_t, T, F, BF), 0.0).to(fk.dtype.element_ty)
+        b_v = tl.load(v + i_bh * T * D + o_t[:, None] * D + o_d[None, :],
+                      mask=(o_t[:, None] < T) & (o_d[None, :] < D), other=0.0)
         b_s += tl.dot(tl.trans(b_fk), b_v)
         b_z += tl.sum(b_fk.to(tl.float32), axis=0)
-    tl.store(s_out + i_bh * F * D + o_f[:, None] * D + o_d[None, :], b_s, mask=m_fd)
+    tl.store(s_out + i_bh * F * D + p_fd, b_s, mask=m_fd)
     if i_d == 0:
         tl.store(z_out + i_bh * F + o_f, b_z, mask=o_f < F)
-
-
-@triton.jit
-def _part_masks(o_i, o_j, T, window, sinks):
-    """Softmax and linear masks [BTq, BTk] of queries ``o_i`` and keys ``o_j`` (module docstring)."""
-    causal = (o_j[None, :] <= o_i[:, None]) & (o_j[None, :] < T) & (o_i[:, None] < T)
-    soft = causal & ((o_j[None, :] < sinks) | (o_j[None, :] > o_i[:, None] - window))
-    return soft, causal & (~soft)
 
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BF", "BD", "BT", "HAS_SOFTMAX"])
@@ -97,19 +136,14 @@ def _hybrid_fwd_kernel(
     T, H, K, F, D, NT, window, sinks, DELTA, scaling, eps,
     HAS_SOFTMAX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     g = tl.load(gamma + i_bh % H).to(tl.float32)
     o_i = i_c * BT + tl.arange(0, BT)
-    o_k, o_f, o_d = tl.arange(0, BK), tl.arange(0, BF), tl.arange(0, BD)
-    m_i = o_i < T
-    b_fq = tl.load(fq + i_bh * T * F + o_i[:, None] * F + o_f[None, :],
-                   mask=m_i[:, None] & (o_f[None, :] < F), other=0.0)
+    b_fq = load_rows(fq, i_bh, o_i, T, F, BF)
 
     # Keys before chunk i_b are linear for every query here: read them from the state.
     i_b = tl.maximum(i_c - DELTA, 0)
-    b_h = tl.load(h + (i_bh * NT + i_b) * F * D + o_f[:, None] * D + o_d[None, :],
-                  mask=(o_f[:, None] < F) & (o_d[None, :] < D), other=0.0)
-    b_hz = tl.load(hz + (i_bh * NT + i_b) * F + o_f, mask=o_f < F, other=0.0)
+    b_h, b_hz = _load_state(h, hz, i_bh, i_b, NT, F, D, BF, BD)
     b_num_lin = tl.dot(b_fq.to(tl.float32), b_h)
     b_den_lin = tl.sum(b_fq.to(tl.float32) * b_hz[None, :], axis=1)
 
@@ -117,52 +151,31 @@ def _hybrid_fwd_kernel(
     b_den_soft = tl.zeros([BT], dtype=tl.float32)
     b_m = tl.full([BT], NEG_BIG, dtype=tl.float32)
     if HAS_SOFTMAX:
-        b_q = tl.load(q + i_bh * T * K + o_i[:, None] * K + o_k[None, :],
-                      mask=m_i[:, None] & (o_k[None, :] < K), other=0.0)
+        b_q = load_rows(q, i_bh, o_i, T, K, BK)
         # Sink chunks before the band: only their sink keys are visited here (the rest are in h).
         for i_j in range(0, tl.minimum(tl.cdiv(sinks, BT), i_b)):
             o_j = i_j * BT + tl.arange(0, BT)
-            b_k = tl.load(k + i_bh * T * K + o_j[:, None] * K + o_k[None, :],
-                          mask=(o_j[:, None] < T) & (o_k[None, :] < K), other=0.0)
-            b_v = tl.load(v + i_bh * T * D + o_j[:, None] * D + o_d[None, :],
-                          mask=(o_j[:, None] < T) & (o_d[None, :] < D), other=0.0)
-            soft = (o_j[None, :] < sinks) & m_i[:, None]
-            b_s = tl.where(soft, tl.dot(b_q, tl.trans(b_k)) * scaling, NEG_BIG)
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-            b_scale = tl.exp(b_m - b_m_new)
-            b_p = tl.where(soft, tl.exp(b_s - b_m_new[:, None]), 0.0)
-            b_num_soft = b_num_soft * b_scale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-            b_den_soft = b_den_soft * b_scale + tl.sum(b_p, axis=1)
-            b_m = b_m_new
+            soft = (o_j[None, :] < sinks) & (o_i[:, None] < T)
+            b_m, b_num_soft, b_den_soft = _softmax_step(
+                b_q, load_rows(k, i_bh, o_j, T, K, BK), load_rows(v, i_bh, o_j, T, D, BD), soft, scaling,
+                b_m, b_num_soft, b_den_soft)
 
     for i_j in range(i_b, i_c + 1):
         o_j = i_j * BT + tl.arange(0, BT)
-        b_fk = tl.load(fk + i_bh * T * F + o_j[:, None] * F + o_f[None, :],
-                       mask=(o_j[:, None] < T) & (o_f[None, :] < F), other=0.0)
-        b_v = tl.load(v + i_bh * T * D + o_j[:, None] * D + o_d[None, :],
-                      mask=(o_j[:, None] < T) & (o_d[None, :] < D), other=0.0)
-        soft, lin = _part_masks(o_i, o_j, T, window, sinks)
+        b_v = load_rows(v, i_bh, o_j, T, D, BD)
+        soft, lin = part_masks(o_i, o_j, T, window, sinks)
         if HAS_SOFTMAX:
-            b_k = tl.load(k + i_bh * T * K + o_j[:, None] * K + o_k[None, :],
-                          mask=(o_j[:, None] < T) & (o_k[None, :] < K), other=0.0)
-            b_s = tl.where(soft, tl.dot(b_q, tl.trans(b_k)) * scaling, NEG_BIG)
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-            b_scale = tl.exp(b_m - b_m_new)
-            b_p = tl.where(soft, tl.exp(b_s - b_m_new[:, None]), 0.0)
-            b_num_soft = b_num_soft * b_scale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-            b_den_soft = b_den_soft * b_scale + tl.sum(b_p, axis=1)
-            b_m = b_m_new
-        b_a = tl.where(lin, tl.dot(b_fq, tl.trans(b_fk)), 0.0)
+            b_m, b_num_soft, b_den_soft = _softmax_step(
+                b_q, load_rows(k, i_bh, o_j, T, K, BK), b_v, soft, scaling, b_m, b_num_soft, b_den_soft)
+        b_a = tl.where(lin, tl.dot(b_fq, tl.trans(load_rows(fk, i_bh, o_j, T, F, BF))), 0.0)
         b_num_lin += tl.dot(b_a.to(b_v.dtype), b_v)
         b_den_lin += tl.sum(b_a, axis=1)
 
     b_den = (1 - g) * b_den_soft + g * b_den_lin + eps
-    b_o = ((1 - g) * b_num_soft + g * b_num_lin) / b_den[:, None]
-    tl.store(o + i_bh * T * D + o_i[:, None] * D + o_d[None, :], b_o,
-             mask=m_i[:, None] & (o_d[None, :] < D))
-    tl.store(den + i_bh * T + o_i, b_den, mask=m_i)
+    store_rows(o, ((1 - g) * b_num_soft + g * b_num_lin) / b_den[:, None], i_bh, o_i, T, D, BD)
+    tl.store(den + i_bh * T + o_i, b_den, mask=o_i < T)
     # No softmax key: the maximum is 0 by definition (and unused).
-    tl.store(m + i_bh * T + o_i, tl.where(b_m == NEG_BIG, 0.0, b_m), mask=m_i)
+    tl.store(m + i_bh * T + o_i, tl.where(b_m == NEG_BIG, 0.0, b_m), mask=o_i < T)
 
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BF", "BD", "BT", "HAS_SOFTMAX"])
@@ -172,25 +185,15 @@ def _hybrid_bwd_dq_kernel(
     T, H, K, F, D, NT, window, sinks, DELTA, scaling,
     HAS_SOFTMAX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     g = tl.load(gamma + i_bh % H).to(tl.float32)
     o_i = i_c * BT + tl.arange(0, BT)
-    o_k, o_f, o_d = tl.arange(0, BK), tl.arange(0, BF), tl.arange(0, BD)
-    m_i = o_i < T
-    b_fq = tl.load(fq + i_bh * T * F + o_i[:, None] * F + o_f[None, :],
-                   mask=m_i[:, None] & (o_f[None, :] < F), other=0.0)
-    b_do = tl.load(do + i_bh * T * D + o_i[:, None] * D + o_d[None, :],
-                   mask=m_i[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
-    b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
-    b_m = tl.load(m + i_bh * T + o_i, mask=m_i, other=0.0)
-    # d(loss)/d(numerator) and d(loss)/d(denominator) of each query.
-    b_dn = b_do / b_den[:, None]
-    b_dd = -tl.load(delta + i_bh * T + o_i, mask=m_i, other=0.0) / b_den
+    b_fq = load_rows(fq, i_bh, o_i, T, F, BF)
+    b_m = tl.load(m + i_bh * T + o_i, mask=o_i < T, other=0.0)
+    b_dn, b_dd = _query_grads(do, den, delta, i_bh, o_i, T, D, BD)
 
     i_b = tl.maximum(i_c - DELTA, 0)
-    b_h = tl.load(h + (i_bh * NT + i_b) * F * D + o_f[:, None] * D + o_d[None, :],
-                  mask=(o_f[:, None] < F) & (o_d[None, :] < D), other=0.0)
-    b_hz = tl.load(hz + (i_bh * NT + i_b) * F + o_f, mask=o_f < F, other=0.0)
+    b_h, b_hz = _load_state(h, hz, i_bh, i_b, NT, F, D, BF, BD)
     b_dfq = tl.dot(b_dn, tl.trans(b_h)) + b_dd[:, None] * b_hz[None, :]
     # dgamma: linear weights enter as +g w, softmax weights as (1-g) w.
     b_dg = tl.sum(b_fq.to(tl.float32) * b_dfq, axis=1)
@@ -198,43 +201,34 @@ def _hybrid_bwd_dq_kernel(
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SOFTMAX:
-        b_q = tl.load(q + i_bh * T * K + o_i[:, None] * K + o_k[None, :],
-                      mask=m_i[:, None] & (o_k[None, :] < K), other=0.0)
+        b_q = load_rows(q, i_bh, o_i, T, K, BK)
         for i_j in range(0, tl.minimum(tl.cdiv(sinks, BT), i_b)):
             o_j = i_j * BT + tl.arange(0, BT)
-            b_k = tl.load(k + i_bh * T * K + o_j[:, None] * K + o_k[None, :],
-                          mask=(o_j[:, None] < T) & (o_k[None, :] < K), other=0.0)
-            b_v = tl.load(v + i_bh * T * D + o_j[:, None] * D + o_d[None, :],
-                          mask=(o_j[:, None] < T) & (o_d[None, :] < D), other=0.0)
-            soft = (o_j[None, :] < sinks) & m_i[:, None]
-            b_dw = tl.dot(b_dn, tl.trans(b_v.to(tl.float32))) + b_dd[:, None]
-            b_p = tl.where(soft, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scaling - b_m[:, None]), 0.0)
+            b_k = load_rows(k, i_bh, o_j, T, K, BK)
+            b_dw = tl.dot(b_dn, tl.trans(load_rows(v, i_bh, o_j, T, D, BD).to(tl.float32))) + b_dd[:, None]
+            b_p = _softmax_weights(b_q, b_k, b_m, (o_j[None, :] < sinks) & (o_i[:, None] < T), scaling)
             b_dq += tl.dot(((1 - g) * b_p * b_dw).to(b_k.dtype), b_k)
             b_dg -= tl.sum(b_p * b_dw, axis=1)
 
     for i_j in range(i_b, i_c + 1):
         o_j = i_j * BT + tl.arange(0, BT)
-        b_fk = tl.load(fk + i_bh * T * F + o_j[:, None] * F + o_f[None, :],
-                       mask=(o_j[:, None] < T) & (o_f[None, :] < F), other=0.0)
-        b_v = tl.load(v + i_bh * T * D + o_j[:, None] * D + o_d[None, :],
-                      mask=(o_j[:, None] < T) & (o_d[None, :] < D), other=0.0)
-        soft, lin = _part_masks(o_i, o_j, T, window, sinks)
-        b_dw = tl.dot(b_dn, tl.trans(b_v.to(tl.float32))) + b_dd[:, None]
+        b_fk = load_rows(fk, i_bh, o_j, T, F, BF)
+        soft, lin = part_masks(o_i, o_j, T, window, sinks)
+        # d loss / d weight of every (query, key) pair: the weight scales v_j in the numerator and 1 in
+        # the denominator.
+        b_dw = tl.dot(b_dn, tl.trans(load_rows(v, i_bh, o_j, T, D, BD).to(tl.float32))) + b_dd[:, None]
         if HAS_SOFTMAX:
-            b_k = tl.load(k + i_bh * T * K + o_j[:, None] * K + o_k[None, :],
-                          mask=(o_j[:, None] < T) & (o_k[None, :] < K), other=0.0)
-            b_p = tl.where(soft, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scaling - b_m[:, None]), 0.0)
+            b_k = load_rows(k, i_bh, o_j, T, K, BK)
+            b_p = _softmax_weights(b_q, b_k, b_m, soft, scaling)
             b_dq += tl.dot(((1 - g) * b_p * b_dw).to(b_k.dtype), b_k)
             b_dg -= tl.sum(b_p * b_dw, axis=1)
         b_a = tl.where(lin, tl.dot(b_fq, tl.trans(b_fk)), 0.0)
         b_dfq += tl.dot((g * tl.where(lin, b_dw, 0.0)).to(b_fk.dtype), b_fk)
         b_dg += tl.sum(b_a * b_dw, axis=1)
 
-    tl.store(dq + i_bh * T * K + o_i[:, None] * K + o_k[None, :], b_dq * scaling,
-             mask=m_i[:, None] & (o_k[None, :] < K))
-    tl.store(dfq + i_bh * T * F + o_i[:, None] * F + o_f[None, :], b_dfq,
-             mask=m_i[:, None] & (o_f[None, :] < F))
-    tl.store(dg + i_bh * T + o_i, b_dg, mask=m_i)
+    store_rows(dq, b_dq * scaling, i_bh, o_i, T, K, BK)
+    store_rows(dfq, b_dfq, i_bh, o_i, T, F, BF)
+    tl.store(dg + i_bh * T + o_i, b_dg, mask=o_i < T)
 
 
 @triton.autotune(configs=launch_configs(), key=["BF", "BD", "BT"])
@@ -244,38 +238,35 @@ def _states_bwd_kernel(
     T, H, F, D, NT, DELTA,
     HAS_FINAL_GRAD: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_d, i_bh = tl.program_id(0), tl.program_id(1)
+    i_d, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     g = tl.load(gamma + i_bh % H).to(tl.float32)
     o_f = tl.arange(0, BF)
     o_d = i_d * BD + tl.arange(0, BD)
-    o_t = tl.arange(0, BT)
+    p_fd = o_f[:, None] * D + o_d[None, :]  # one [F, D] state, this program's D tile
     m_fd = (o_f[:, None] < F) & (o_d[None, :] < D)
     b_dh = tl.zeros([BF, BD], dtype=tl.float32)
     b_dhz = tl.zeros([BF], dtype=tl.float32)
     if HAS_FINAL_GRAD:
-        b_dh += tl.load(ds_final + i_bh * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
+        b_dh += tl.load(ds_final + i_bh * F * D + p_fd, mask=m_fd, other=0.0)
         b_dhz += tl.load(dz_final + i_bh * F + o_f, mask=o_f < F, other=0.0)
     for i_r in range(NT):
         c = NT - 1 - i_r
         # Keys of chunk c are in every state h[c'] with c' > c (and in the final state).
-        tl.store(dh + (i_bh * NT + c) * F * D + o_f[:, None] * D + o_d[None, :], b_dh, mask=m_fd)
+        tl.store(dh + (i_bh * NT + c) * F * D + p_fd, b_dh, mask=m_fd)
         if i_d == 0:
             tl.store(dhz + (i_bh * NT + c) * F + o_f, b_dhz, mask=o_f < F)
         # Query chunks that read h[c]: c + DELTA, and for c = 0 also every earlier one.
-        lo = tl.where(c > 0, c + DELTA, 0)
-        hi = tl.minimum(c + DELTA + 1, NT)
-        for i_q in range(lo, hi):
-            o_i = i_q * BT + o_t
+        for i_q in range(tl.where(c > 0, c + DELTA, 0), tl.minimum(c + DELTA + 1, NT)):
+            o_i = i_q * BT + tl.arange(0, BT)
             m_i = o_i < T
-            b_fq = tl.load(fq + i_bh * T * F + o_i[:, None] * F + o_f[None, :],
-                           mask=m_i[:, None] & (o_f[None, :] < F), other=0.0).to(tl.float32)
+            b_fq = load_rows(fq, i_bh, o_i, T, F, BF).to(tl.float32)
+            b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
             b_do = tl.load(do + i_bh * T * D + o_i[:, None] * D + o_d[None, :],
                            mask=m_i[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
-            b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
             b_dd = -tl.load(delta + i_bh * T + o_i, mask=m_i, other=0.0) / b_den
             b_dh += g * tl.dot(tl.trans(b_fq), b_do / b_den[:, None])
             b_dhz += g * tl.sum(b_fq * b_dd[:, None], axis=0)
-    tl.store(ds0 + i_bh * F * D + o_f[:, None] * D + o_d[None, :], b_dh, mask=m_fd)
+    tl.store(ds0 + i_bh * F * D + p_fd, b_dh, mask=m_fd)
     if i_d == 0:
         tl.store(dz0 + i_bh * F + o_f, b_dhz, mask=o_f < F)
 
@@ -287,46 +278,32 @@ def _hybrid_bwd_dkv_kernel(
     T, H, K, F, D, NT, window, sinks, fold_end, DELTA, scaling,
     HAS_SOFTMAX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     g = tl.load(gamma + i_bh % H).to(tl.float32)
     o_j = i_c * BT + tl.arange(0, BT)
-    o_k, o_f, o_d = tl.arange(0, BK), tl.arange(0, BF), tl.arange(0, BD)
-    m_j = o_j < T
-    b_fk = tl.load(fk + i_bh * T * F + o_j[:, None] * F + o_f[None, :],
-                   mask=m_j[:, None] & (o_f[None, :] < F), other=0.0)
-    b_v = tl.load(v + i_bh * T * D + o_j[:, None] * D + o_d[None, :],
-                  mask=m_j[:, None] & (o_d[None, :] < D), other=0.0)
+    b_fk = load_rows(fk, i_bh, o_j, T, F, BF)
+    b_v = load_rows(v, i_bh, o_j, T, D, BD)
 
     # Through the states: the same fold mask as the forward's state kernel.
     fold = (o_j >= sinks) & (o_j < fold_end)
-    b_dh = tl.load(dh + (i_bh * NT + i_c) * F * D + o_f[:, None] * D + o_d[None, :],
-                   mask=(o_f[:, None] < F) & (o_d[None, :] < D), other=0.0)
-    b_dhz = tl.load(dhz + (i_bh * NT + i_c) * F + o_f, mask=o_f < F, other=0.0)
+    b_dh, b_dhz = _load_state(dh, dhz, i_bh, i_c, NT, F, D, BF, BD)
     b_dfk = tl.where(fold[:, None], tl.dot(b_v.to(tl.float32), tl.trans(b_dh)) + b_dhz[None, :], 0.0)
     b_dv = tl.where(fold[:, None], tl.dot(b_fk.to(tl.float32), b_dh), 0.0)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SOFTMAX:
-        b_k = tl.load(k + i_bh * T * K + o_j[:, None] * K + o_k[None, :],
-                      mask=m_j[:, None] & (o_k[None, :] < K), other=0.0)
+        b_k = load_rows(k, i_bh, o_j, T, K, BK)
 
     # Query chunks whose band contains this key chunk.
     for i_q in range(i_c, tl.minimum(i_c + DELTA + 1, NT)):
         o_i = i_q * BT + tl.arange(0, BT)
-        m_i = o_i < T
-        b_fq = tl.load(fq + i_bh * T * F + o_i[:, None] * F + o_f[None, :],
-                       mask=m_i[:, None] & (o_f[None, :] < F), other=0.0)
-        b_do = tl.load(do + i_bh * T * D + o_i[:, None] * D + o_d[None, :],
-                       mask=m_i[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
-        b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
-        b_dn = b_do / b_den[:, None]
-        b_dd = -tl.load(delta + i_bh * T + o_i, mask=m_i, other=0.0) / b_den
-        soft, lin = _part_masks(o_i, o_j, T, window, sinks)
+        b_fq = load_rows(fq, i_bh, o_i, T, F, BF)
+        b_dn, b_dd = _query_grads(do, den, delta, i_bh, o_i, T, D, BD)
+        soft, lin = part_masks(o_i, o_j, T, window, sinks)
         b_dw = tl.dot(b_dn, tl.trans(b_v.to(tl.float32))) + b_dd[:, None]
         if HAS_SOFTMAX:
-            b_q = tl.load(q + i_bh * T * K + o_i[:, None] * K + o_k[None, :],
-                          mask=m_i[:, None] & (o_k[None, :] < K), other=0.0)
-            b_mi = tl.load(m + i_bh * T + o_i, mask=m_i, other=0.0)
-            b_w = tl.where(soft, (1 - g) * tl.exp(tl.dot(b_q, tl.trans(b_k)) * scaling - b_mi[:, None]), 0.0)
+            b_q = load_rows(q, i_bh, o_i, T, K, BK)
+            b_mi = tl.load(m + i_bh * T + o_i, mask=o_i < T, other=0.0)
+            b_w = (1 - g) * _softmax_weights(b_q, b_k, b_mi, soft, scaling)
             b_dk += tl.dot(tl.trans(b_w * b_dw).to(b_q.dtype), b_q)
             b_dv += tl.dot(tl.trans(b_w), b_dn)
         b_a = tl.where(lin, g * tl.dot(b_fq, tl.trans(b_fk)), 0.0)
@@ -338,27 +315,18 @@ def _hybrid_bwd_dkv_kernel(
         if i_c * BT < sinks:
             for i_q in range(i_c + DELTA + 1, NT):
                 o_i = i_q * BT + tl.arange(0, BT)
-                m_i = o_i < T
-                b_do = tl.load(do + i_bh * T * D + o_i[:, None] * D + o_d[None, :],
-                               mask=m_i[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
-                b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
-                b_dn = b_do / b_den[:, None]
-                b_dd = -tl.load(delta + i_bh * T + o_i, mask=m_i, other=0.0) / b_den
-                b_q = tl.load(q + i_bh * T * K + o_i[:, None] * K + o_k[None, :],
-                              mask=m_i[:, None] & (o_k[None, :] < K), other=0.0)
-                b_mi = tl.load(m + i_bh * T + o_i, mask=m_i, other=0.0)
-                soft = m_i[:, None] & (o_j[None, :] < sinks)
+                b_q = load_rows(q, i_bh, o_i, T, K, BK)
+                b_mi = tl.load(m + i_bh * T + o_i, mask=o_i < T, other=0.0)
+                b_dn, b_dd = _query_grads(do, den, delta, i_bh, o_i, T, D, BD)
                 b_dw = tl.dot(b_dn, tl.trans(b_v.to(tl.float32))) + b_dd[:, None]
-                b_w = tl.where(soft, (1 - g) * tl.exp(tl.dot(b_q, tl.trans(b_k)) * scaling - b_mi[:, None]), 0.0)
+                soft = (o_i[:, None] < T) & (o_j[None, :] < sinks)
+                b_w = (1 - g) * _softmax_weights(b_q, b_k, b_mi, soft, scaling)
                 b_dk += tl.dot(tl.trans(b_w * b_dw).to(b_q.dtype), b_q)
                 b_dv += tl.dot(tl.trans(b_w), b_dn)
 
-    tl.store(dk + i_bh * T * K + o_j[:, None] * K + o_k[None, :], b_dk * scaling,
-             mask=m_j[:, None] & (o_k[None, :] < K))
-    tl.store(dfk + i_bh * T * F + o_j[:, None] * F + o_f[None, :], b_dfk,
-             mask=m_j[:, None] & (o_f[None, :] < F))
-    tl.store(dv + i_bh * T * D + o_j[:, None] * D + o_d[None, :], b_dv,
-             mask=m_j[:, None] & (o_d[None, :] < D))
+    store_rows(dk, b_dk * scaling, i_bh, o_j, T, K, BK)
+    store_rows(dfk, b_dfk, i_bh, o_j, T, F, BF)
+    store_rows(dv, b_dv, i_bh, o_j, T, D, BD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,8 +410,9 @@ def _hybrid_bwd(
     do = do.contiguous()
     blocks = dict(BT=CHUNK, BK=block(head_dim), BF=block(feat), BD=block(value_dim))
 
-    dq = q_.new_empty(q_.shape if has_softmax else (0,), dtype=torch.float32)
     dfq = torch.empty_like(fq, dtype=torch.float32)
+    # Without a softmax part every dq/dk store is masked off; dfq/dfk serve as valid placeholders.
+    dq = torch.empty_like(q_, dtype=torch.float32) if has_softmax else dfq
     dg = torch.empty_like(den)
     _hybrid_bwd_dq_kernel[(num_chunks, batch * heads)](
         q_, k_, v, fq, fk, gamma, h, hz, do, den, m, delta, dq, dfq, dg,
@@ -463,8 +432,8 @@ def _hybrid_bwd(
         HAS_FINAL_GRAD=ds_final is not None, BT=CHUNK, BF=block(feat), BD=bd,
     )
 
-    dk = k_.new_empty(k_.shape if has_softmax else (0,), dtype=torch.float32)
     dfk = torch.empty_like(fk, dtype=torch.float32)
+    dk = torch.empty_like(k_, dtype=torch.float32) if has_softmax else dfk
     dv = torch.empty_like(v, dtype=torch.float32)
     _hybrid_bwd_dkv_kernel[(num_chunks, batch * heads)](
         q_, k_, v, fq, fk, gamma, dh, dhz, do, den, m, delta, dk, dfk, dv,
@@ -485,13 +454,17 @@ class HybridAttentionFunction(torch.autograd.Function):
         o, s_out, z_out, den, m = _hybrid_fwd(q, k, v, fq, fk, gamma, s0, z0, window, sinks, scaling, eps)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, s0, z0, o, den, m)
         ctx.settings = (window, sinks, scaling)
+        # Unused outputs then arrive as None: no zero final-state gradient is built or read.
+        ctx.set_materialize_grads(False)
         return o, s_out, z_out
 
     @staticmethod
     def backward(ctx, do, ds_final, dz_final):
         q, k, v, fq, fk, gamma, s0, z0, o, den, m = ctx.saved_tensors
+        do = do if do is not None else torch.zeros_like(o)
         dq, dk, dv, dfq, dfk, dgamma, ds0, dz0 = _hybrid_bwd(
-            q, k, v, fq, fk, gamma, s0, z0, o, den, m, do, *_pair(ds_final, dz_final, fq, v), *ctx.settings,
+            q, k, v, fq, fk, gamma, s0, z0, o, den, m, do, *_final_state_grads(ds_final, dz_final, fq, v),
+            *ctx.settings,
         )
         has_softmax = q is not None
         return (
@@ -504,10 +477,10 @@ class HybridAttentionFunction(torch.autograd.Function):
         )
 
 
-def _pair(
+def _final_state_grads(
     ds: torch.Tensor | None, dz: torch.Tensor | None, fq: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Final-state gradients as both-or-neither (autograd gives None for an unused output)."""
+    """Gradients of the final (S, z) as both-or-neither, fp32 (the kernel reads both or none)."""
     if ds is None and dz is None:
         return None, None
     batch, heads, _, feat = fq.shape
@@ -580,9 +553,9 @@ def chunk_hybrid_attention(
         raise ValueError(f"window and sinks must be >= 0, got window={window}, sinks={sinks}")
     s0, z0 = initial_state if initial_state is not None else (None, None)
     has_softmax = window > 0 or sinks > 0
+    q, k, v, fq, fk = same_dtype(q, k, v, fq, fk)
     o, s_out, z_out = HybridAttentionFunction.apply(
-        q.contiguous() if has_softmax else None, k.contiguous() if has_softmax else None,
-        v.contiguous(), fq.contiguous(), fk.contiguous(), gamma.contiguous(),
+        q if has_softmax else None, k if has_softmax else None, v, fq, fk, gamma.contiguous(),
         s0.float().contiguous() if s0 is not None else None, z0.float().contiguous() if z0 is not None else None,
         window, sinks, scaling, eps,
     )
@@ -614,8 +587,9 @@ def chunk_linear_attention(
     _check_common(v, fq, fk, initial_state)
     s0, z0 = initial_state if initial_state is not None else (None, None)
     gamma = fq.new_ones(fq.shape[1], dtype=torch.float32)  # all weight on the linear part
+    v, fq, fk = same_dtype(v, fq, fk)
     o, s_out, z_out = HybridAttentionFunction.apply(
-        None, None, v.contiguous(), fq.contiguous(), fk.contiguous(), gamma,
+        None, None, v, fq, fk, gamma,
         s0.float().contiguous() if s0 is not None else None, z0.float().contiguous() if z0 is not None else None,
         0, 0, 1.0, eps,
     )

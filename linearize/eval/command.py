@@ -1,0 +1,178 @@
+"""``linearize eval`` (lm-eval tasks, perplexity, recall; teacher vs student) and ``linearize bench decode``."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from linearize.convert.command import int_list
+from linearize.errors import UserError
+from linearize.eval.decode_bench import DEFAULT_LENGTHS
+from linearize.eval.recall import RecallSettings
+from linearize.eval.tasks import GROUP
+
+DEFAULT_OUT = Path("runs/eval")
+
+
+def limit_spec(text: str) -> tuple[int | None, dict[str, int]]:
+    """argparse type for ``--limit``: ``N``, ``task=N`` or both, comma-separated (``200,linearize_wikitext=4``)."""
+    default, per_task = None, {}
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            task, _, count = part.rpartition("=")
+            value = int(count)
+            if value < 1:
+                raise ValueError
+            if task:
+                per_task[task] = value
+            else:
+                default = value
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive count and/or task=count pairs like 200,linearize_wikitext=4, got {text!r}"
+        ) from None
+    return default, per_task
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="lm-eval tasks, perplexity and recall, student vs teacher",
+        description="Evaluate MODEL (an export, or any model reference) and optionally a teacher on the same "
+        "lm-eval tasks with the same settings; write eval.json and report.md to --out.",
+    )
+    parser.add_argument("model", nargs="?", help="the student: an export folder, or any model reference")
+    parser.add_argument("--teacher", help="reference model: smollm2-135m, a .gguf file, a folder or a hub id")
+    parser.add_argument("--tasks", default=GROUP, help=f"comma-separated lm-eval tasks (default: {GROUP}, the shipped offline tasks)")
+    parser.add_argument("--limit", type=limit_spec, default=(None, {}),
+                        help="examples per task, with per-task overrides: 200,linearize_wikitext=4 (default: all)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own, 0)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=None, help="lm-eval window (default: the model's maximum)")
+    parser.add_argument("--perplexity-chunks", type=int, default=0, help="512-token WikiText-2 chunks for chunked perplexity")
+    parser.add_argument("--recall", action="store_true", help="also measure MQAR and passkey recall curves")
+    parser.add_argument("--jrt", action="store_true", help="with --recall: also score with JRT-Prompt (context twice)")
+    parser.add_argument("--mqar-lengths", type=int_list, default=RecallSettings.mqar_lengths)
+    parser.add_argument("--mqar-kv-pairs", type=int, default=RecallSettings.mqar_kv_pairs)
+    parser.add_argument("--mqar-examples", type=int, default=RecallSettings.mqar_examples)
+    parser.add_argument("--mqar-vocabulary", choices=["words", "ids"], default=RecallSettings.mqar_vocabulary,
+                        help="MQAR tokens: the tokenizer's plain word tokens, or any non-special token ids")
+    parser.add_argument("--passkey-lengths", type=int_list, default=RecallSettings.passkey_lengths)
+    parser.add_argument("--passkey-depths", type=float_list, default=RecallSettings.passkey_depths)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the recall tests")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
+    parser.add_argument("--update-model-card", action="store_true", help="write the numbers into the export's README.md")
+    parser.add_argument("--print-include-path", action="store_true",
+                        help="print the folder of the shipped tasks (for lm_eval --include_path) and exit")
+    parser.set_defaults(func=run)
+
+
+def register_bench(bench_kinds) -> None:
+    parser = bench_kinds.add_parser(
+        "decode", help="prefill time, decode speed, memory and cache size vs context length",
+        description="Measure MODEL and optionally a teacher in one run at each context length; write "
+        "decode.json, decode.md, decode.png and report.md to --out.",
+    )
+    parser.add_argument("model", help="the student: an export folder, or any model reference")
+    parser.add_argument("--teacher", help="reference model measured in the same run")
+    parser.add_argument("--lengths", type=int_list, default=list(DEFAULT_LENGTHS),
+                        help=f"context lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prefill")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
+    parser.set_defaults(func=run_bench)
+
+
+def _roles(args: argparse.Namespace) -> dict[str, str]:
+    """Role -> reference, teacher first; every reference is resolved before any model loads."""
+    import linearize
+
+    if not args.model:
+        raise UserError("no model given. Fix: linearize eval EXPORT_DIR [--teacher REF] (or --print-include-path)")
+    roles = {"teacher": args.teacher, "student": args.model} if args.teacher else {"student": args.model}
+    for reference in roles.values():
+        linearize.resolve(reference)
+    return roles
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_include_path:
+        from linearize.eval.tasks import include_path
+
+        print(include_path())
+        return 0
+    import linearize
+    from linearize.corpora import read_corpus
+    from linearize.eval import harness, report
+    from linearize.eval.perplexity import chunk_tokens, perplexity
+    from linearize.eval.recall import recall_curves
+
+    roles = _roles(args)
+    manager = harness.task_manager()
+    tasks = harness.check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()], manager)
+    limit, task_limits = args.limit
+    stray = sorted(set(task_limits) - set(tasks))
+    if stray:
+        raise UserError(f"--limit names task(s) not evaluated: {', '.join(stray)}. Fix: use tasks from --tasks")
+    settings = harness.TaskSettings(
+        tasks=tasks, limit=limit, task_limits=task_limits, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, max_length=args.max_length,
+    )
+    recall_settings = RecallSettings(
+        mqar_lengths=tuple(args.mqar_lengths), mqar_kv_pairs=args.mqar_kv_pairs, mqar_examples=args.mqar_examples,
+        mqar_vocabulary=args.mqar_vocabulary, passkey_lengths=tuple(args.passkey_lengths),
+        passkey_depths=tuple(args.passkey_depths), jrt=args.jrt, seed=args.seed,
+    )
+    results: dict = {"models": roles, "settings": settings.to_dict(), "tasks": {}}
+    if args.perplexity_chunks > 0:
+        results["perplexity"] = {"chunks": args.perplexity_chunks, "chunk_length": 512}
+    if args.recall:
+        results["recall"] = {"settings": asdict(recall_settings), "curves": {}}
+    for role, reference in roles.items():  # one model in memory at a time
+        model, tokenizer = linearize.load(reference)
+        print(f"{role}: {reference} ({type(model).__name__})")
+        lm = harness.wrap_model(model, tokenizer, args.batch_size, args.max_length)
+        results["tasks"][role] = {task: asdict(r) for task, r in harness.evaluate(lm, settings, manager).items()}
+        if args.perplexity_chunks > 0:
+            chunks = chunk_tokens(tokenizer, read_corpus("wikitext2"), 512, args.perplexity_chunks)
+            results["perplexity"][role] = perplexity(model, chunks, desc=f"{role} perplexity")
+        if args.recall:
+            results["recall"]["curves"][role] = recall_curves(model, tokenizer, recall_settings)
+        del lm, model
+        gc.collect()
+
+    report.write_json(args.out / report.EVAL_FILE, results)
+    path = report.write_report(args.out)
+    print("\n\n".join(report.result_sections(results, None)))
+    print(f"\nwrote {path}")
+    if args.update_model_card:
+        card = report.update_model_card(args.model, results, report.read_json(args.out / report.DECODE_FILE))
+        print(f"updated {card}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import linearize
+    from linearize.eval import report, tables
+    from linearize.eval.decode_bench import run_decode_benchmark
+
+    roles = _roles(args)
+    models = {role: linearize.load(reference) for role, reference in roles.items()}
+    decode = run_decode_benchmark(models, args.lengths, args.decode_tokens)
+    decode["models"] = roles
+    report.write_json(args.out / report.DECODE_FILE, decode)
+    table = tables.decode_table(decode["measurements"])
+    report.write_text_atomic(args.out / "decode.md", f"# Decode benchmark\n\n{table}\n\nSettings: "
+                             f"`{json.dumps(decode['settings'])}`\n")
+    path = report.write_report(args.out)
+    print(table)
+    print(f"\nwrote {args.out / report.DECODE_FILE}, {args.out / 'decode.md'}, {args.out / 'decode.png'} and {path}")
+    return 0

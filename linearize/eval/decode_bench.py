@@ -1,0 +1,187 @@
+"""Prefill time, decode speed, peak memory and cache size of a model at growing context lengths.
+
+For each context length L the model prefills L tokens of WikiText-2 into a fresh cache, then
+greedily decodes ``decode_tokens`` more, one token per forward. Measured per (model, L):
+
+* prefill seconds (one forward over L tokens, filling the cache);
+* decode tokens/s (the mean over the decode steps, context L and growing);
+* peak memory: on CUDA the peak of allocated memory above what was allocated before; on CPU the
+  peak resident set size above the level before, sampled every millisecond (freed heap is handed
+  back to the OS first, so an earlier, longer run does not hide this one's allocations);
+* cache bytes after decoding: a linearized model's ``LinearizedCache.num_bytes()`` (recurrent
+  states, plus keys/values of layers kept as softmax), a teacher's keys and values.
+
+Timings are wall-clock on whatever machine runs them: compare models from one run, never numbers
+from different machines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from linearize.corpora import read_corpus
+from linearize.errors import UserError
+from linearize.eval.perplexity import chunk_tokens
+
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class DecodeMeasurement:
+    model: str  # role in the comparison, e.g. "teacher" or "student"
+    context_length: int
+    prefill_seconds: float
+    decode_tokens_per_second: float
+    peak_memory_bytes: int
+    cache_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_cache(model: PreTrainedModel):
+    """The cache ``generate`` would use: the model's own when it has one, else a DynamicCache."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache()
+    return DynamicCache(config=model.config)
+
+
+def cache_num_bytes(cache) -> int:
+    """Bytes held by ``cache``: its own count when it keeps one, else its layers' keys and values."""
+    if hasattr(cache, "num_bytes"):
+        return cache.num_bytes()
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers if layer.is_initialized
+        for tensor in (layer.keys, layer.values)
+    )
+
+
+def position_limit(model: PreTrainedModel) -> int | None:
+    """Largest sequence the model's position scheme supports (learned positions cannot extrapolate)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+class PeakMemory:
+    """Context manager measuring peak memory growth of the block, on ``device``."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001):
+        self.device, self.interval_s = device, interval_s
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_free_heap()
+        self._process = psutil.Process(os.getpid())
+        self._baseline = self._highest = self._process.memory_info().rss
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self._highest = max(self._highest, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._baseline
+            return
+        self._done.set()
+        self._sampler.join()
+        self._highest = max(self._highest, self._process.memory_info().rss)
+        self.peak_bytes = self._highest - self._baseline
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc only) so RSS growth reflects new allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS growth may then under-count reuse of already-freed memory
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, role: str) -> DecodeMeasurement:
+    """Prefill ``prompt`` [1, L] into a fresh cache, then decode ``decode_tokens`` greedily."""
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    with PeakMemory(device) as memory:
+        cache = new_cache(model)
+        _synchronize(device)
+        started = time.perf_counter()
+        logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
+        _synchronize(device)
+        prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+            logits = model(input_ids=next_token, cache=cache, use_cache=True).logits
+        _synchronize(device)
+        decode_seconds = time.perf_counter() - started
+    return DecodeMeasurement(
+        model=role, context_length=prompt.shape[1], prefill_seconds=prefill_seconds,
+        decode_tokens_per_second=decode_tokens / decode_seconds, peak_memory_bytes=memory.peak_bytes,
+        cache_bytes=cache_num_bytes(cache),
+    )
+
+
+def run_decode_benchmark(
+    models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]], lengths: list[int], decode_tokens: int = 32,
+) -> dict:
+    """Measure every model at every length; returns ``{"settings": ..., "measurements": [...]}``.
+
+    Lengths run in increasing order, all models at one length before the next, so a run cut short
+    still holds a complete comparison for the shorter contexts.
+    """
+    if not lengths or min(lengths) < 1 or decode_tokens < 1:
+        raise UserError(f"need positive --lengths and --decode-tokens, got {lengths} and {decode_tokens}")
+    lengths = sorted(set(lengths))
+    for role, (model, _) in models.items():
+        limit = position_limit(model)
+        if limit is not None and lengths[-1] + decode_tokens > limit:
+            raise UserError(
+                f"the {role} supports {limit} positions, but length {lengths[-1]} plus {decode_tokens} decoded "
+                f"tokens needs {lengths[-1] + decode_tokens}. Fix: use --lengths up to {limit - decode_tokens}"
+            )
+    prompts = {
+        role: chunk_tokens(tokenizer, read_corpus("wikitext2"), lengths[-1], 1) for role, (_, tokenizer) in models.items()
+    }
+    for role, (model, _) in models.items():  # first calls allocate and pick kernels: keep them out of the numbers
+        measure(model, prompts[role][:, :16], 2, role)
+    measurements = [
+        measure(model, prompts[role][:, :length], decode_tokens, role).to_dict()
+        for length in lengths for role, (model, _) in models.items()
+    ]
+    device = next(next(iter(models.values()))[0].parameters()).device
+    settings = {
+        "lengths": lengths, "decode_tokens": decode_tokens, "prompt": "WikiText-2 test text",
+        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "torch_version": torch.__version__,
+        "dtype": str(next(next(iter(models.values()))[0].parameters()).dtype),
+    }
+    if device.type == "cuda":
+        settings["gpu"] = torch.cuda.get_device_name(device)
+    return {"settings": settings, "measurements": measurements}

@@ -1,0 +1,76 @@
+"""PNG plots of recall curves and decode speed/memory, teacher against student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from linearize.eval.tables import MODELS  # noqa: E402
+
+STYLE = {"teacher": {"color": "tab:blue"}, "student": {"color": "tab:orange"}}
+
+
+def plot_recall(recall: dict[str, dict], path: Path) -> Path:
+    """Accuracy vs length, one panel per test (MQAR, passkey); JRT-Prompt curves dashed."""
+    tests = ["mqar", "passkey"]
+    figure, axes = plt.subplots(1, len(tests), figsize=(10, 4))
+    for axis, test in zip(axes, tests):
+        for role in MODELS:
+            for prompt, points in recall.get(role, {}).get(test, {}).items():
+                axis.plot(
+                    [p["length"] for p in points], [p["accuracy"] for p in points], marker="o",
+                    linestyle="--" if prompt == "jrt" else "-", label=f"{role} ({prompt})", **STYLE[role],
+                )
+        axis.set(title="MQAR" if test == "mqar" else "passkey", xlabel="sequence length (tokens)",
+                 ylabel="accuracy", ylim=(-0.05, 1.05))
+        _length_axis(axis, [p["length"] for curves in recall.values() for points in curves.get(test, {}).values()
+                            for p in points])
+        axis.legend()
+    return _save(figure, path)
+
+
+def plot_decode(measurements: list[dict], path: Path) -> Path:
+    """Four panels vs context length: prefill seconds, decode tokens/s, peak memory, cache size,
+    with the student/teacher ratio written at each student point."""
+    panels = [
+        ("prefill_seconds", "prefill time (s)", 1), ("decode_tokens_per_second", "decode tokens/s", 1),
+        ("peak_memory_bytes", "peak memory (MiB)", 2**20), ("cache_bytes", "cache (MiB)", 2**20),
+    ]
+    by_key = {(m["model"], m["context_length"]): m for m in measurements}
+    figure, axes = plt.subplots(1, len(panels), figsize=(18, 4))
+    for axis, (field, label, scale) in zip(axes, panels):
+        for role in MODELS:
+            points = sorted((m["context_length"], m[field] / scale) for m in measurements if m["model"] == role)
+            if not points:
+                continue
+            axis.plot(*zip(*points), marker="o", label=role, **STYLE[role])
+            if role == "student":
+                for length, value in points:
+                    teacher = by_key.get(("teacher", length))
+                    if teacher and teacher[field]:
+                        axis.annotate(f"{value * scale / teacher[field]:.2f}×", (length, value), fontsize=7,
+                                      textcoords="offset points", xytext=(0, 6), ha="center")
+        axis.set(title=label, xlabel="context length (tokens)")
+        _length_axis(axis, [m["context_length"] for m in measurements])
+        axis.legend()
+    figure.suptitle("student / teacher ratios annotated")
+    return _save(figure, path)
+
+
+def _length_axis(axis, lengths: list[int]) -> None:
+    """Log-2 x axis labelled with the measured lengths themselves (lengths usually double)."""
+    axis.set_xscale("log", base=2)
+    ticks = sorted(set(lengths))
+    axis.set_xticks(ticks, [str(t) for t in ticks])
+    axis.minorticks_off()
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,216 @@
+"""Recall tests: multi-query associative recall (MQAR) and passkey retrieval, with JRT-Prompt.
+
+Both are scored the same way: one forward pass over the whole sequence, and an answer counts as
+recalled when the greedy (argmax) prediction at each of its positions is the next token of the
+sequence. That equals greedy decoding of the answer, without a generation loop.
+
+* **MQAR** (Zoology, Arora et al. 2023, arXiv 2312.04927): ``k1 v1 k2 v2 ... kN vN``, filler, then
+  every key again in a random order, each followed by its value: ``q1 a1 q2 a2 ...``. Keys and
+  values are distinct tokens from disjoint halves of a vocabulary; the filler is drawn from the
+  value half, so a key occurs only in its pair and its query. Each value predicted after its query
+  key is one answer. ``seq_len`` is the length without JRT.
+* **Passkey** (needle in a haystack): a 5-digit key hidden at a relative depth of a haystack of
+  repeated filler sentences, then ``What is the pass key? The pass key is``; the answer is the key's
+  tokens, all of which must be right. The context length counts tokens before the question.
+* **JRT-Prompt** (Arora et al. 2024, arXiv 2407.05483): the context (MQAR's pairs, the passkey
+  haystack) is given twice, so a recurrent model sees every fact again after knowing the question
+  shape. It makes sequences longer by one context.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from linearize.errors import UserError
+
+
+@dataclass(frozen=True)
+class RecallExample:
+    """A token sequence and its answers: each answer is the positions whose next token must be
+    predicted (logits at position p predict ``input_ids[p + 1]``)."""
+
+    input_ids: list[int]
+    answers: list[list[int]]
+
+
+def _context(context: list[int], jrt: bool) -> list[int]:
+    """JRT-Prompt: the context twice; otherwise once."""
+    return context * 2 if jrt else list(context)
+
+
+def mqar_examples(
+    vocabulary: Sequence[int], *, num_kv_pairs: int, seq_len: int, num_examples: int, seed: int = 0,
+    jrt: bool = False,
+) -> list[RecallExample]:
+    """MQAR sequences over the token ids ``vocabulary``, the same for the same arguments.
+
+    Needs ``seq_len >= 4 * num_kv_pairs`` (pairs plus queries) and at least ``num_kv_pairs``
+    ids in each half of ``vocabulary``.
+    """
+    if num_kv_pairs < 1 or num_examples < 1:
+        raise UserError(f"MQAR needs num_kv_pairs >= 1 and num_examples >= 1, got {num_kv_pairs}, {num_examples}")
+    if seq_len < 4 * num_kv_pairs:
+        raise UserError(
+            f"MQAR seq_len {seq_len} cannot hold {num_kv_pairs} pairs and their queries. "
+            f"Fix: use seq_len >= {4 * num_kv_pairs} or fewer pairs"
+        )
+    ids = list(dict.fromkeys(vocabulary))
+    half = len(ids) // 2
+    if half < num_kv_pairs:
+        raise UserError(
+            f"MQAR with {num_kv_pairs} pairs needs a vocabulary of at least {2 * num_kv_pairs} distinct "
+            f"tokens, got {len(ids)}. Fix: use fewer pairs or a larger vocabulary"
+        )
+    key_ids, value_ids = ids[:half], ids[half:]
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(num_examples):
+        keys = rng.sample(key_ids, num_kv_pairs)
+        values = rng.sample(value_ids, num_kv_pairs)
+        pairs = [token for kv in zip(keys, values) for token in kv]
+        filler = [rng.choice(value_ids) for _ in range(seq_len - 4 * num_kv_pairs)]
+        order = rng.sample(range(num_kv_pairs), num_kv_pairs)
+        queries = [token for i in order for token in (keys[i], values[i])]
+        prefix = _context(pairs, jrt) + filler
+        # The query key sits at len(prefix) + 2j; its logits predict the value after it.
+        answers = [[len(prefix) + 2 * j] for j in range(num_kv_pairs)]
+        examples.append(RecallExample(prefix + queries, answers))
+    return examples
+
+
+def tokenizer_vocabulary(tokenizer: PreTrainedTokenizerBase, size: int) -> list[int]:
+    """``size`` token ids of plain alphabetic word pieces that encode back to themselves, in id order.
+
+    Special and byte-fallback tokens are left out, so keys and values read like ordinary text.
+    """
+    special = set(tokenizer.all_special_ids)
+    chosen = []
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id])
+        if text.strip().isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]:
+            chosen.append(token_id)
+            if len(chosen) == size:
+                return chosen
+    raise UserError(f"the tokenizer has only {len(chosen)} plain word tokens, fewer than the {size} asked for")
+
+
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+def passkey_examples(
+    tokenizer: PreTrainedTokenizerBase, *, context_length: int, depths: Sequence[float], seed: int = 0,
+    jrt: bool = False,
+) -> list[RecallExample]:
+    """One passkey example per depth (0 = needle first, 1 = needle last) at ``context_length`` tokens."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    intro, filler, question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
+    rng = random.Random(seed)
+    examples = []
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise UserError(f"passkey depth {depth} is outside [0, 1]. Fix: give depths as fractions like 0,0.5,1")
+        key = encode(" " + str(rng.randint(10000, 99999)))
+        # The key is spliced in as the same ids that answer the question, so tokenization at the
+        # splice can never make a correct answer unmatchable.
+        needle = encode(" The pass key is") + key + encode(". Remember it.")
+        haystack_length = context_length - len(intro) - len(needle)
+        if haystack_length < 0:
+            raise UserError(
+                f"passkey context_length {context_length} is shorter than the instructions and the needle "
+                f"({len(intro) + len(needle)} tokens). Fix: use a longer context"
+            )
+        haystack = (filler * (haystack_length // len(filler) + 1))[:haystack_length]
+        at = round(depth * haystack_length)
+        context = intro + haystack[:at] + needle + haystack[at:]
+        prefix = _context(context, jrt) + question
+        answer = [len(prefix) - 1 + i for i in range(len(key))]  # the question's last token predicts key[0]
+        examples.append(RecallExample(prefix + key, [answer]))
+    return examples
+
+
+@torch.no_grad()
+def recall_accuracy(model: torch.nn.Module, examples: Sequence[RecallExample], batch_size: int = 8) -> float:
+    """Fraction of answers whose every position is predicted right; ``model(ids).logits`` [B, T, V].
+
+    Examples of equal length are batched together (no padding, so no mask is involved).
+    """
+    device = next(model.parameters(), torch.empty(0)).device
+    by_length: dict[int, list[RecallExample]] = {}
+    for example in examples:
+        by_length.setdefault(len(example.input_ids), []).append(example)
+    correct = total = 0
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            ids = torch.tensor([example.input_ids for example in batch], device=device)
+            predicted = model(ids, use_cache=False).logits.argmax(-1)  # [B, T]
+            for row, example in enumerate(batch):
+                for positions in example.answers:
+                    index = torch.tensor(positions, device=device)
+                    correct += bool((predicted[row, index] == ids[row, index + 1]).all())
+                    total += 1
+    return correct / total
+
+
+@dataclass(frozen=True)
+class RecallSettings:
+    """What the recall curves are measured over; saved next to the scores."""
+
+    mqar_lengths: tuple[int, ...] = (64, 128, 256, 512)
+    mqar_kv_pairs: int = 8
+    mqar_examples: int = 16
+    mqar_vocabulary: str = "words"  # "words": plain word tokens of the tokenizer; "ids": any non-special id
+    passkey_lengths: tuple[int, ...] = (256, 512, 1024)
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    jrt: bool = False  # also score every test with JRT-Prompt
+    seed: int = 0
+
+
+def mqar_vocabulary(tokenizer: PreTrainedTokenizerBase, kind: str, size: int) -> list[int]:
+    """MQAR's token ids: plain word tokens (``words``) or the first non-special ids (``ids``)."""
+    if kind == "words":
+        return tokenizer_vocabulary(tokenizer, size)
+    if kind == "ids":
+        special = set(tokenizer.all_special_ids)
+        return [i for i in range(len(tokenizer)) if i not in special][:size]
+    raise UserError(f"unknown MQAR vocabulary {kind!r}. Fix: use 'words' or 'ids'")
+
+
+def recall_curves(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, settings: RecallSettings) -> dict:
+    """MQAR accuracy per sequence length and passkey accuracy per context length (plain, and JRT
+    when asked): ``{"mqar": {"plain": [{"length": L, "accuracy": a}, ...], ...}, "passkey": {...}}``."""
+    # Twice the pairs per half, so keys and values differ between examples.
+    vocabulary = mqar_vocabulary(tokenizer, settings.mqar_vocabulary, 4 * settings.mqar_kv_pairs)
+    prompts = ["plain", "jrt"] if settings.jrt else ["plain"]
+    curves: dict[str, dict[str, list[dict]]] = {"mqar": {}, "passkey": {}}
+    for prompt in prompts:
+        jrt = prompt == "jrt"
+        curves["mqar"][prompt] = [
+            {"length": length, "accuracy": recall_accuracy(model, mqar_examples(
+                vocabulary, num_kv_pairs=settings.mqar_kv_pairs, seq_len=length,
+                num_examples=settings.mqar_examples, seed=settings.seed, jrt=jrt,
+            ))}
+            for length in settings.mqar_lengths
+        ]
+        curves["passkey"][prompt] = [
+            {"length": length, "accuracy": recall_accuracy(model, passkey_examples(
+                tokenizer, context_length=length, depths=settings.passkey_depths, seed=settings.seed, jrt=jrt,
+            ))}
+            for length in settings.passkey_lengths
+        ]
+    return curves

@@ -1,0 +1,102 @@
+"""Markdown tables of evaluation results, shared by report.md and the model card.
+
+Every function takes the JSON-ready dicts that ``linearize eval`` and ``linearize bench decode``
+save (eval.json, decode.json), so a report can be rebuilt from the files alone.
+"""
+
+from __future__ import annotations
+
+MODELS = ("teacher", "student")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _bytes(value: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
+def task_table(task_results: dict[str, dict[str, dict]]) -> str:
+    """One row per (task, metric): teacher, student, student − teacher, examples and shots.
+
+    ``task_results`` maps a model role to ``{task: TaskResult as a dict}``; a missing teacher
+    leaves its columns empty.
+    """
+    student = task_results["student"]
+    teacher = task_results.get("teacher", {})
+    rows = []
+    for task, result in student.items():
+        for metric, value in result["metrics"].items():
+            reference = teacher.get(task, {}).get("metrics", {}).get(metric)
+            arrow = "↑" if result["higher_is_better"].get(metric, True) else "↓"
+            delta = None if reference is None else value - reference
+            rows.append([
+                task, f"{metric} {arrow}", _number(reference), _number(value),
+                "–" if delta is None else f"{delta:+.4f}", str(result["samples"]), str(result["num_fewshot"]),
+            ])
+    return markdown_table(["task", "metric", "teacher", "student", "Δ (student − teacher)", "examples", "shots"], rows)
+
+
+def perplexity_table(perplexity: dict) -> str:
+    """Chunked WikiText-2 perplexity (the protocol of DESIGN.md's reference numbers) with the ratio."""
+    teacher, student = perplexity.get("teacher"), perplexity["student"]
+    ratio = "–" if teacher is None else f"{student / teacher:.2f}×"
+    return markdown_table(
+        ["text", "teacher", "student", "student / teacher"],
+        [[f"WikiText-2, {perplexity['chunks']} × {perplexity['chunk_length']} tokens",
+          _number(teacher, 2), _number(student, 2), ratio]],
+    )
+
+
+def recall_table(recall: dict[str, dict], test: str) -> str:
+    """Accuracy per length for ``test`` ("mqar" or "passkey"), one column per model and prompt."""
+    columns = [(role, prompt) for role in MODELS if role in recall for prompt in recall[role][test]]
+    accuracy = {
+        (role, prompt, point["length"]): point["accuracy"]
+        for role, prompt in columns for point in recall[role][test][prompt]
+    }
+    lengths = sorted({length for (_, _, length) in accuracy})
+    rows = [
+        [str(length)] + [_number(accuracy.get((role, prompt, length)), 3) for role, prompt in columns]
+        for length in lengths
+    ]
+    return markdown_table(["length"] + [f"{role} ({prompt})" for role, prompt in columns], rows)
+
+
+def decode_table(measurements: list[dict]) -> str:
+    """Per length: each model's prefill time, decode speed, peak memory and cache size, and ratios."""
+    by_key = {(m["model"], m["context_length"]): m for m in measurements}
+    roles = [role for role in MODELS if any(m["model"] == role for m in measurements)]
+    lengths = sorted({m["context_length"] for m in measurements})
+    header = ["context"]
+    for role in roles:
+        header += [f"{role} prefill s", f"{role} decode tok/s", f"{role} peak mem", f"{role} cache"]
+    both = len(roles) == 2
+    if both:
+        header += ["prefill speedup", "decode speedup", "cache ratio"]
+    rows = []
+    for length in lengths:
+        row = [str(length)]
+        for role in roles:
+            m = by_key[(role, length)]
+            row += [f"{m['prefill_seconds']:.2f}", f"{m['decode_tokens_per_second']:.1f}",
+                    _bytes(m["peak_memory_bytes"]), _bytes(m["cache_bytes"])]
+        if both:
+            teacher, student = by_key[("teacher", length)], by_key[("student", length)]
+            row += [
+                f"{teacher['prefill_seconds'] / student['prefill_seconds']:.2f}×",
+                f"{student['decode_tokens_per_second'] / teacher['decode_tokens_per_second']:.2f}×",
+                f"{student['cache_bytes'] / teacher['cache_bytes']:.3f}×",
+            ]
+        rows.append(row)
+    return markdown_table(header, rows)

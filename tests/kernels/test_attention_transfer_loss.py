@@ -1,0 +1,70 @@
+"""``triton.attention_transfer_loss`` against the materialising ``naive`` version, and the output MSE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, PRECISIONS, assert_close, case_id, features, grads, leaves, randn, tolerance
+
+from linearize.kernels import reference
+from linearize.kernels.triton import attention_output_mse, attention_transfer_loss, attention_transfer_loss_naive
+
+# (B, T, H, d, F, window, sinks): plain linear attention (gamma = 1) and window + linear hybrids.
+CASES = [
+    (1, 1, 2, 16, 16, 0, 0),
+    (2, 63, 2, 60, 48, 0, 0),
+    (1, 200, 1, 48, 60, 0, 0),
+    (1, 63, 2, 48, 60, 16, 2),
+    (1, 200, 2, 60, 48, 64, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("case", CASES, ids=[case_id(**dict(zip("B T H d F w s".split(), c))) for c in CASES])
+def test_attention_transfer_loss(case: tuple[int, ...], dtype: torch.dtype) -> None:
+    B, T, H, d, F, window, sinks = case
+    torch.manual_seed(0)
+    # gamma = 1 is plain linear attention (no softmax part may exist then: log(1 - gamma) = -inf).
+    gamma = torch.rand(H, device=DEVICE) if window or sinks else torch.ones(H, device=DEVICE)
+    inputs = [randn(B, H, T, d, dtype=dtype), randn(B, H, T, d, dtype=dtype),
+              features(B, H, T, F, dtype=dtype), features(B, H, T, F, dtype=dtype), gamma]
+    options = dict(scaling=d**-0.5, window=window, sinks=sinks)
+    ref_in, tri_in = leaves(*inputs), leaves(*inputs)
+    ref = attention_transfer_loss_naive(*ref_in, **options)
+    tri = attention_transfer_loss(*tri_in, **options)
+    ratio = tolerance(dtype)
+    assert_close("loss", ref, tri, ratio)
+    # A single key has P = A = 1 up to eps: its gradients are ~eps and only match absolutely.
+    for name, r, t in zip(["dq", "dk", "dfq", "dfk", "dgamma"], grads(ref, ref_in), grads(tri, tri_in)):
+        assert_close(name, r, t, ratio)
+
+
+def test_naive_loss_is_cross_entropy_of_teacher_and_quadratic_weights() -> None:
+    """For plain linear attention the naive loss is -sum P log(a / (sum a + eps)), written out."""
+    torch.manual_seed(0)
+    B, T, H, d, F = 1, 9, 2, 8, 8
+    q, k = randn(B, H, T, d), randn(B, H, T, d)
+    fq, fk = features(B, H, T, F), features(B, H, T, F)
+    causal = torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril()
+    teacher = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    linear = (fq @ fk.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    student = linear / (linear.sum(-1, keepdim=True) + reference.EPS)
+    expected = -(teacher * student.masked_fill(~causal, 1.0).log()).sum(-1).mean()
+    assert_close("loss", expected, attention_transfer_loss_naive(q, k, fq, fk, scaling=0.5), 1e-6)
+
+
+def test_attention_output_mse() -> None:
+    torch.manual_seed(0)
+    B, T, H, d, D, F = 1, 70, 2, 16, 48, 60
+    inputs = [randn(B, H, T, d), randn(B, H, T, d), randn(B, H, T, D), features(B, H, T, F), features(B, H, T, F),
+              torch.rand(H, device=DEVICE)]
+    teacher = randn(B, H, T, D)
+    options = dict(window=8, sinks=2, scaling=d**-0.5)
+    ref_in, tri_in = leaves(*inputs), leaves(*inputs)
+    out, _ = reference.hybrid_attention_quadratic(*ref_in, **options)
+    ref = (out - teacher).pow(2).mean()
+    tri = attention_output_mse(*tri_in, teacher, **options)
+    ratio = tolerance(torch.float32)
+    assert_close("mse", ref, tri, ratio)
+    for name, r, t in zip(["dq", "dk", "dv", "dfq", "dfk", "dgamma"], grads(ref, ref_in), grads(tri, tri_in)):
+        assert_close(name, r, t, ratio)

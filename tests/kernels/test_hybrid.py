@@ -1,0 +1,118 @@
+"""``triton.hybrid`` against ``reference.hybrid_attention_chunked``: outputs, final states, every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import DEVICE, PRECISIONS, assert_close, case_id, features, grads, leaves, randn, tolerance
+
+from linearize.kernels import reference
+from linearize.kernels.triton import chunk_hybrid_attention, chunk_linear_attention
+
+# (B, T, H, d, D, F, window, sinks): odd lengths, non-power-of-two dims, bands of 1..3 chunks (64),
+# sinks inside one chunk and over two, window 1 (own key only) and sinks without a window.
+HYBRID_CASES = [
+    (1, 1, 2, 16, 16, 16, 64, 4),
+    (2, 63, 2, 48, 60, 48, 16, 2),
+    (1, 200, 2, 60, 48, 60, 64, 4),
+    (1, 200, 1, 32, 32, 32, 150, 70),
+    (1, 130, 1, 32, 48, 32, 1, 0),
+    (1, 130, 1, 32, 32, 48, 0, 3),
+]
+LINEAR_CASES = [(1, 1, 2, 16, 16), (2, 63, 2, 60, 48), (1, 200, 1, 48, 60)]
+
+
+def _hybrid_ids(case: tuple[int, ...]) -> str:
+    B, T, H, d, D, F, window, sinks = case
+    return case_id(B=B, T=T, H=H, d=d, D=D, F=F, w=window, s=sinks)
+
+
+def _reference(q, k, v, fq, fk, gamma, s0, z0, window, sinks, scaling):
+    state = reference.RecurrentState.empty(q, v, fq).with_prefix(s0, z0)
+    out, state = reference.hybrid_attention_chunked(
+        q, k, v, fq, fk, gamma, state, window=window, sinks=sinks, scaling=scaling, chunk_size=64,
+    )
+    return out, state.S, state.z
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("case", HYBRID_CASES, ids=_hybrid_ids)
+def test_chunk_hybrid_attention(case: tuple[int, ...], dtype: torch.dtype) -> None:
+    B, T, H, d, D, F, window, sinks = case
+    torch.manual_seed(0)
+    inputs = [randn(B, H, T, d, dtype=dtype), randn(B, H, T, d, dtype=dtype), randn(B, H, T, D, dtype=dtype),
+              features(B, H, T, F, dtype=dtype), features(B, H, T, F, dtype=dtype),
+              torch.rand(H, device=DEVICE), features(B, H, F, D), features(B, H, F)]
+    names = ["dq", "dk", "dv", "dfq", "dfk", "dgamma", "dS0", "dz0"]
+    ref_in, tri_in = leaves(*inputs), leaves(*inputs)
+    scaling = d**-0.5
+
+    ref = _reference(*ref_in, window, sinks, scaling)
+    q, k, v, fq, fk, gamma, s0, z0 = tri_in
+    out, (S, z) = chunk_hybrid_attention(q, k, v, fq, fk, gamma, window=window, sinks=sinks, scaling=scaling,
+                                         initial_state=(s0, z0))
+    tri = (out, S, z)
+    ratio = tolerance(dtype)
+    for name, r, t in zip(["out", "S", "z"], ref, tri):
+        assert_close(name, r, t, ratio)
+
+    upstream = [torch.randn_like(r) for r in ref]
+    ref_grads = grads(sum((r * u).sum() for r, u in zip(ref, upstream)), ref_in)
+    tri_grads = grads(sum((t * u).sum() for t, u in zip(tri, upstream)), tri_in)
+    for name, r, t in zip(names, ref_grads, tri_grads):
+        assert_close(name, r, t, ratio)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: case_id(B=c[0], T=c[1], H=c[2], D=c[3], F=c[4]))
+def test_chunk_linear_attention(case: tuple[int, ...], dtype: torch.dtype) -> None:
+    B, T, H, D, F = case
+    torch.manual_seed(0)
+    inputs = [features(B, H, T, F, dtype=dtype), features(B, H, T, F, dtype=dtype), randn(B, H, T, D, dtype=dtype),
+              features(B, H, F, D), features(B, H, F)]
+    ref_in, tri_in = leaves(*inputs), leaves(*inputs)
+    fq, fk, v, s0, z0 = ref_in
+    ones = torch.ones(H, device=fq.device)
+    ref = _reference(fq, fk, v, fq, fk, ones, s0, z0, 0, 0, 1.0)
+    fq, fk, v, s0, z0 = tri_in
+    out, (S, z) = chunk_linear_attention(fq, fk, v, initial_state=(s0, z0))
+    tri = (out, S, z)
+    ratio = tolerance(dtype)
+    for name, r, t in zip(["out", "S", "z"], ref, tri):
+        assert_close(name, r, t, ratio)
+    upstream = [torch.randn_like(r) for r in ref]
+    ref_grads = grads(sum((r * u).sum() for r, u in zip(ref, upstream)), ref_in)
+    tri_grads = grads(sum((t * u).sum() for t, u in zip(tri, upstream)), tri_in)
+    for name, r, t in zip(["dfq", "dfk", "dv", "dS0", "dz0"], ref_grads, tri_grads):
+        assert_close(name, r, t, ratio)
+
+
+@pytest.mark.parametrize("split", [1, 37, 128], ids=lambda s: f"T1-{s}")
+def test_chunk_linear_attention_split_and_resume(split: int) -> None:
+    """[0, T1) then [T1, T) from the returned state equals one pass, values and gradients."""
+    B, T, H, D, F = 1, 150, 2, 60, 48
+    torch.manual_seed(0)
+    inputs = [features(B, H, T, F), features(B, H, T, F), randn(B, H, T, D)]
+    whole_in, split_in = leaves(*inputs), leaves(*inputs)
+    out, (S, z) = chunk_linear_attention(*whole_in)
+    fq, fk, v = split_in
+    out1, state = chunk_linear_attention(fq[:, :, :split], fk[:, :, :split], v[:, :, :split])
+    out2, (S2, z2) = chunk_linear_attention(fq[:, :, split:], fk[:, :, split:], v[:, :, split:], initial_state=state)
+    resumed = torch.cat([out1, out2], dim=2)
+    ratio = tolerance(torch.float32)
+    assert_close("out", out, resumed, ratio)
+    assert_close("S", S, S2, ratio)
+    assert_close("z", z, z2, ratio)
+    upstream = torch.randn_like(out)
+    for name, r, t in zip(["dfq", "dfk", "dv"], grads((out * upstream).sum() + S.sum(), whole_in),
+                          grads((resumed * upstream).sum() + S2.sum(), split_in)):
+        assert_close(name, r, t, ratio)
+
+
+def test_bad_shapes_raise() -> None:
+    fq = features(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"fk must have shape \[1, 2, 8, 16\], got \[1, 2, 8, 12\]"):
+        chunk_linear_attention(fq, features(1, 2, 8, 12), randn(1, 2, 8, 16))
+    with pytest.raises(ValueError, match=r"gamma must have shape \[2\]"):
+        chunk_hybrid_attention(randn(1, 2, 8, 16), randn(1, 2, 8, 16), randn(1, 2, 8, 16), fq, fq,
+                               torch.rand(3, device=fq.device), window=4, sinks=0, scaling=0.25)
