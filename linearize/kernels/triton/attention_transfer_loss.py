@@ -29,6 +29,8 @@ import triton.language as tl
 from linearize.kernels.reference import EPS
 from linearize.kernels.triton.hybrid import chunk_hybrid_attention
 from linearize.kernels.triton.utils import (
+    CHUNK,
+    NEG_BIG,
     block,
     check_rank,
     check_shape,
@@ -39,8 +41,6 @@ from linearize.kernels.triton.utils import (
     store_rows,
 )
 
-CHUNK = 64
-NEG_BIG = tl.constexpr(-1e30)
 
 
 # --------------------------------------------------------------------------------------------------

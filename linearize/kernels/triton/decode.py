@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from linearize.kernels.reference import EPS, RecurrentState
-from linearize.kernels.triton.utils import block, check_shape
+from linearize.kernels.triton.utils import NEG_BIG, block, check_shape
 
-NEG_BIG = tl.constexpr(-1e30)
 
 
 @triton.jit  # not autotuned: it updates the state in place, so every trial run would add the token again

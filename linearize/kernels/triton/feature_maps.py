@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from linearize.kernels.triton.utils import (
+    CHUNK,
     block,
     check_rank,
     check_shape,
@@ -31,7 +32,6 @@ from linearize.kernels.triton.utils import (
     store_rows,
 )
 
-CHUNK = 64
 ROWS = 1024  # tokens per program: bounds the number of partial weight gradients to sum
 
 

@@ -36,6 +36,8 @@ import triton.language as tl
 
 from linearize.kernels.reference import EPS
 from linearize.kernels.triton.utils import (
+    CHUNK,
+    NEG_BIG,
     block,
     check_rank,
     check_shape,
@@ -46,10 +48,6 @@ from linearize.kernels.triton.utils import (
     store_rows,
 )
 
-CHUNK = 64
-# Stand-in for -inf in the running softmax maximum: keeps exp(m_old - m_new) finite (exp(0) = 1 when
-# nothing was seen yet, and the accumulators it rescales are zero then).
-NEG_BIG = tl.constexpr(-1e30)
 
 
 # --------------------------------------------------------------------------------------------------

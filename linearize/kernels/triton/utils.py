@@ -8,6 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
+# Tokens per chunk: the tile along the sequence in every kernel.
+CHUNK = 64
+# Stand-in for -inf in running softmax maxima: keeps exp(m_old - m_new) finite (exp(0) = 1 when
+# nothing was seen yet, and the accumulators it rescales are zero then).
+NEG_BIG = tl.constexpr(-1e30)
+
 # Triton's interpreter (CPU, tests) runs every config it is given, so it gets exactly one; so do
 # GPU test runs with LINEARIZE_AUTOTUNE=0, which would otherwise compile every config of every shape.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
