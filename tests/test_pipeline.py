@@ -14,13 +14,15 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from model_testing import VOCAB, converted
+from model_testing import VOCAB, converted, reload_in_fresh_process
 from safetensors.torch import load_file
 from test_recipe import tiny_recipe
 from transformers import AutoModelForCausalLM
 
+import linearize
 from linearize.attention_transfer import layer_losses, run_attention_transfer
-from linearize.recipe import AttentionTransferSection, validate_recipe
+from linearize.finetune import add_lora, merge_lora
+from linearize.recipe import AttentionTransferSection, LoraSection
 
 
 def write_recipe(folder: Path, recipe: dict) -> Path:
@@ -137,6 +139,23 @@ def test_two_processes_compute_the_same_losses(tmp_path, tiny_model_folder):
         assert logs["double"] == pytest.approx(logs["single"], rel=1e-2), stage
 
 
-def test_recipe_batch_must_split_over_processes(tmp_path, tiny_model_folder):
-    recipe = validate_recipe(tiny_recipe(tiny_model_folder, tmp_path))
-    assert recipe.attention_transfer.batch_size % 2 == 0  # what the two-process test relies on
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_merge_then_export_reloads_identical_logits(tmp_path, family):
+    model = converted(family, "window_hedgehog")
+    adapted = add_lora(model, LoraSection(rank=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # adapters start as a no-op (B = 0): give them something to merge
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(3, VOCAB, (2, 21))
+    with torch.no_grad():
+        adapted_logits = adapted(ids).logits
+        merged = merge_lora(adapted)
+        merged_logits = merged(ids).logits
+    assert not torch.allclose(adapted_logits, converted(family, "window_hedgehog")(ids).logits, atol=1e-3)
+    assert torch.allclose(merged_logits, adapted_logits, atol=1e-5), "merging changed the model"
+    folder = linearize.export(merged, None, tmp_path / "merged")
+    torch.save(ids, tmp_path / "ids.pt")
+    reload_in_fresh_process([(folder, tmp_path / "ids.pt", tmp_path / "logits.pt")])
+    assert (torch.load(tmp_path / "logits.pt") - merged_logits).abs().max().item() <= 1e-5
