@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,28 @@ def run_and_kill_after(recipe_path: Path, checkpoint: Path, done: Path) -> None:
     process.kill()
     process.wait()
     assert checkpoint.exists() and not done.exists(), "the run was not interrupted mid-stage"
+
+
+def test_ctrl_c_checkpoints_and_the_rerun_finishes(tmp_path, tiny_model_folder):
+    recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
+    recipe["attention_transfer"].update(steps=400, checkpoint_every=1000, validate_every=1000)
+    recipe["export"] = {"enabled": False}
+    path = write_recipe(tmp_path, recipe)
+    process = subprocess.Popen(linearize_command("run", str(path)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "attention_transfer" / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while (not log.exists() or log.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    state = torch.load(tmp_path / "run" / "attention_transfer" / "checkpoint" / "state.pt", weights_only=False)
+    assert 0 < state["step"] < 400, "Ctrl-C must checkpoint the steps done so far"
+    recipe["attention_transfer"]["steps"] = state["step"] + 2  # finish quickly from the checkpoint
+    run_to_end(write_recipe(tmp_path, recipe))
+    assert (tmp_path / "run" / "attention_transfer" / "done.json").is_file()
 
 
 def stage_weights(run_dir: Path) -> dict[str, torch.Tensor]:

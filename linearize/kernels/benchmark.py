@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from linearize.kernels import reference
 
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
-CPU_LENGTHS = [512, 1024, 2048]
+CPU_LENGTHS = [1024, 2048, 4096, 8192]
 WINDOW, SINKS = 64, 4  # the hybrid setting of the design (64-key window plus 4 sinks)
 
 
