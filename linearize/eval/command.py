@@ -44,6 +44,12 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1, got {text!r}") from None
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 avoids stalls on a busy shared CPU")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="lm-eval tasks, perplexity and recall, student vs teacher",
@@ -69,6 +75,7 @@ def register(subparsers) -> None:
     parser.add_argument("--passkey-lengths", type=int_list, default=RecallSettings.passkey_lengths)
     parser.add_argument("--passkey-depths", type=float_list, default=RecallSettings.passkey_depths)
     parser.add_argument("--seed", type=int, default=0, help="seed of the recall tests")
+    _add_runtime_options(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
     parser.add_argument("--update-model-card", action="store_true", help="write the numbers into the export's README.md")
     parser.add_argument("--print-include-path", action="store_true",
@@ -87,6 +94,7 @@ def register_bench(bench_kinds) -> None:
     parser.add_argument("--lengths", type=int_list, default=list(DEFAULT_LENGTHS),
                         help=f"context lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prefill")
+    _add_runtime_options(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
     parser.set_defaults(func=run_bench)
 
@@ -103,19 +111,45 @@ def _roles(args: argparse.Namespace) -> dict[str, str]:
     return roles
 
 
+def _runtime(args: argparse.Namespace):
+    """Apply --threads and return the torch device: --device, or cuda when available, else cpu."""
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}. Fix: pass --device cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no CUDA device is available. Fix: pass --device cpu")
+    return device
+
+
+def _load(reference: str, device):
+    """``linearize.load`` (float32, eval mode), then moved to ``device``."""
+    import linearize
+
+    model, tokenizer = linearize.load(reference)
+    return model.to(device), tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     if args.print_include_path:
         from linearize.eval.tasks import include_path
 
         print(include_path())
         return 0
-    import linearize
     from linearize.corpora import read_corpus
     from linearize.eval import harness, report
     from linearize.eval.perplexity import chunk_tokens, perplexity
     from linearize.eval.recall import recall_curves
 
     roles = _roles(args)
+    device = _runtime(args)
     manager = harness.task_manager()
     tasks = harness.check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()], manager)
     limit, task_limits = args.limit
@@ -131,14 +165,16 @@ def run(args: argparse.Namespace) -> int:
         mqar_vocabulary=args.mqar_vocabulary, passkey_lengths=tuple(args.passkey_lengths),
         passkey_depths=tuple(args.passkey_depths), jrt=args.jrt, seed=args.seed,
     )
+    if args.recall:
+        recall_settings.validate()
     results: dict = {"models": roles, "settings": settings.to_dict(), "tasks": {}}
     if args.perplexity_chunks > 0:
         results["perplexity"] = {"chunks": args.perplexity_chunks, "chunk_length": 512}
     if args.recall:
         results["recall"] = {"settings": asdict(recall_settings), "curves": {}}
     for role, reference in roles.items():  # one model in memory at a time
-        model, tokenizer = linearize.load(reference)
-        print(f"{role}: {reference} ({type(model).__name__})")
+        model, tokenizer = _load(reference, device)
+        print(f"{role}: {reference} ({type(model).__name__} on {model.device})")
         lm = harness.wrap_model(model, tokenizer, args.batch_size, args.max_length)
         results["tasks"][role] = {task: asdict(r) for task, r in harness.evaluate(lm, settings, manager).items()}
         if args.perplexity_chunks > 0:
@@ -160,12 +196,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import linearize
     from linearize.eval import report, tables
     from linearize.eval.decode_bench import run_decode_benchmark
 
     roles = _roles(args)
-    models = {role: linearize.load(reference) for role, reference in roles.items()}
+    device = _runtime(args)
+    models = {role: _load(reference, device) for role, reference in roles.items()}
     decode = run_decode_benchmark(models, args.lengths, args.decode_tokens)
     decode["models"] = roles
     report.write_json(args.out / report.DECODE_FILE, decode)

@@ -150,6 +150,7 @@ def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, ro
 
 def run_decode_benchmark(
     models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]], lengths: list[int], decode_tokens: int = 32,
+    progress: bool = True,
 ) -> dict:
     """Measure every model at every length; returns ``{"settings": ..., "measurements": [...]}``.
 
@@ -171,17 +172,21 @@ def run_decode_benchmark(
     }
     for role, (model, _) in models.items():  # first calls allocate and pick kernels: keep them out of the numbers
         measure(model, prompts[role][:, :16], 2, role)
-    measurements = [
-        measure(model, prompts[role][:, :length], decode_tokens, role).to_dict()
-        for length in lengths for role, (model, _) in models.items()
-    ]
-    device = next(next(iter(models.values()))[0].parameters()).device
+    measurements = []
+    for length in lengths:
+        for role, (model, _) in models.items():
+            result = measure(model, prompts[role][:, :length], decode_tokens, role)
+            measurements.append(result.to_dict())
+            if progress:  # long contexts take minutes on CPU: show each point as it lands
+                print(f"{role} @ {length}: prefill {result.prefill_seconds:.2f}s, "
+                      f"decode {result.decode_tokens_per_second:.1f} tok/s, cache {result.cache_bytes} B", flush=True)
+    parameter = next(next(iter(models.values()))[0].parameters())
     settings = {
         "lengths": lengths, "decode_tokens": decode_tokens, "prompt": "WikiText-2 test text",
-        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "torch_version": torch.__version__,
-        "dtype": str(next(next(iter(models.values()))[0].parameters()).dtype),
+        "device": str(parameter.device), "dtype": str(parameter.dtype), "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "torch_version": torch.__version__,
     }
-    if device.type == "cuda":
-        settings["gpu"] = torch.cuda.get_device_name(device)
+    if parameter.device.type == "cuda":
+        settings["gpu"] = torch.cuda.get_device_name(parameter.device)
     return {"settings": settings, "measurements": measurements}

@@ -84,21 +84,26 @@ def mqar_examples(
 
 
 def tokenizer_vocabulary(tokenizer: PreTrainedTokenizerBase, size: int) -> list[int]:
-    """``size`` token ids of plain alphabetic word pieces that encode back to themselves, in id order.
+    """``size`` ids of word tokens: 3+ letters that encode back to themselves, special tokens excluded.
 
-    Special and byte-fallback tokens are left out, so keys and values read like ordinary text.
+    Tokens with a leading space (whole words in a BPE vocabulary, e.g. `` house``) come first, in
+    id order, then bare ones (word pieces in BPE, whole words in a word-level vocabulary), so keys
+    and values read like ordinary words rather than single letters.
     """
     special = set(tokenizer.all_special_ids)
-    chosen = []
+    spaced, bare = [], []
     for token_id in range(len(tokenizer)):
         if token_id in special:
             continue
         text = tokenizer.decode([token_id])
-        if text.strip().isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]:
-            chosen.append(token_id)
-            if len(chosen) == size:
-                return chosen
-    raise UserError(f"the tokenizer has only {len(chosen)} plain word tokens, fewer than the {size} asked for")
+        word = text.removeprefix(" ")
+        if len(word) >= 3 and word.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]:
+            (spaced if text.startswith(" ") else bare).append(token_id)
+            if len(spaced) == size:
+                return spaced
+    if len(spaced) + len(bare) < size:
+        raise UserError(f"the tokenizer has only {len(spaced) + len(bare)} word tokens, fewer than the {size} asked for")
+    return (spaced + bare)[:size]
 
 
 PASSKEY_INTRO = (
@@ -107,6 +112,11 @@ PASSKEY_INTRO = (
 )
 PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+def _check_depth(depth: float) -> None:
+    if not 0.0 <= depth <= 1.0:
+        raise UserError(f"passkey depth {depth} is outside [0, 1]. Fix: give depths as fractions like 0,0.5,1")
 
 
 def passkey_examples(
@@ -122,8 +132,7 @@ def passkey_examples(
     rng = random.Random(seed)
     examples = []
     for depth in depths:
-        if not 0.0 <= depth <= 1.0:
-            raise UserError(f"passkey depth {depth} is outside [0, 1]. Fix: give depths as fractions like 0,0.5,1")
+        _check_depth(depth)
         key = encode(" " + str(rng.randint(10000, 99999)))
         # The key is spliced in as the same ids that answer the question, so tokenization at the
         # splice can never make a correct answer unmatchable.
@@ -174,15 +183,23 @@ class RecallSettings:
     mqar_lengths: tuple[int, ...] = (64, 128, 256, 512)
     mqar_kv_pairs: int = 8
     mqar_examples: int = 16
-    mqar_vocabulary: str = "words"  # "words": plain word tokens of the tokenizer; "ids": any non-special id
+    mqar_vocabulary: str = "words"  # "words": word tokens of the tokenizer; "ids": any non-special id
     passkey_lengths: tuple[int, ...] = (256, 512, 1024)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     jrt: bool = False  # also score every test with JRT-Prompt
     seed: int = 0
 
+    def validate(self) -> None:
+        """Raise the UserError a run would hit, before any model is loaded (tokenizer-free checks)."""
+        for length in self.mqar_lengths:
+            mqar_examples(range(4 * self.mqar_kv_pairs), num_kv_pairs=self.mqar_kv_pairs, seq_len=length,
+                          num_examples=self.mqar_examples)
+        for depth in self.passkey_depths:
+            _check_depth(depth)
+
 
 def mqar_vocabulary(tokenizer: PreTrainedTokenizerBase, kind: str, size: int) -> list[int]:
-    """MQAR's token ids: plain word tokens (``words``) or the first non-special ids (``ids``)."""
+    """MQAR's token ids: word tokens (``words``) or the first non-special ids (``ids``)."""
     if kind == "words":
         return tokenizer_vocabulary(tokenizer, size)
     if kind == "ids":
