@@ -55,7 +55,7 @@ def run_and_kill_after(recipe_path: Path, checkpoint: Path, done: Path) -> None:
 
 def test_ctrl_c_checkpoints_and_the_rerun_finishes(tmp_path, tiny_model_folder):
     recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
-    recipe["attention_transfer"].update(steps=400, checkpoint_every=1000, validate_every=1000)
+    recipe["attention_transfer"].update(steps=100_000, checkpoint_every=100_000, validate_every=100_000)
     recipe["export"] = {"enabled": False}
     path = write_recipe(tmp_path, recipe)
     process = subprocess.Popen(linearize_command("run", str(path)), stdout=subprocess.DEVNULL,
@@ -69,7 +69,7 @@ def test_ctrl_c_checkpoints_and_the_rerun_finishes(tmp_path, tiny_model_folder):
     assert process.returncode == 130, stderr[-2000:]
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     state = torch.load(tmp_path / "run" / "attention_transfer" / "checkpoint" / "state.pt", weights_only=False)
-    assert 0 < state["step"] < 400, "Ctrl-C must checkpoint the steps done so far"
+    assert 0 < state["step"] < 100_000, "Ctrl-C must checkpoint the steps done so far"
     recipe["attention_transfer"]["steps"] = state["step"] + 2  # finish quickly from the checkpoint
     run_to_end(write_recipe(tmp_path, recipe))
     assert (tmp_path / "run" / "attention_transfer" / "done.json").is_file()
