@@ -58,8 +58,11 @@ def test_ctrl_c_checkpoints_and_the_rerun_finishes(tmp_path, tiny_model_folder):
     recipe["attention_transfer"].update(steps=100_000, checkpoint_every=100_000, validate_every=100_000)
     recipe["export"] = {"enabled": False}
     path = write_recipe(tmp_path, recipe)
+    # Background jobs (as CI may run us) inherit SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the run the default disposition a terminal would.
     process = subprocess.Popen(linearize_command("run", str(path)), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "run" / "attention_transfer" / "log.jsonl"
     deadline = time.monotonic() + 300
     while (not log.exists() or log.read_text().count("\n") < 3) and time.monotonic() < deadline:
