@@ -69,7 +69,10 @@ def _git_commit() -> str | None:
 
 def _check_context(recipe: Recipe, model) -> None:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    for field, length in (("data.block_length", recipe.data.block_length), ("eval perplexity chunks", 512)):
+    checks = [("data.block_length", recipe.data.block_length)]
+    if recipe.eval.perplexity_chunks:
+        checks.append(("eval.perplexity_chunks (512-token chunks)", 512))
+    for field, length in checks:
         if limit and length > limit:
             raise RecipeError(f"recipe field '{field}': {length} tokens exceed the model's {limit} positions; fix: lower it")
 
