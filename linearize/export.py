@@ -1,9 +1,9 @@
 """Write a linearized model as a self-contained Hugging Face folder, atomically.
 
-The folder holds config.json (own ``model_type`` and ``auto_map``), safetensors weights, the
-modeling code that ``trust_remote_code`` loads, the tokenizer, and a model card. It is written to
-a temporary sibling folder and renamed into place, so an interrupted export never leaves a folder
-that looks complete.
+``model.save_pretrained`` alone already writes config.json (own ``model_type`` and ``auto_map``),
+safetensors weights and the modeling code that ``trust_remote_code`` loads. ``export`` adds the
+tokenizer, a model card and metrics, and writes to a temporary sibling folder renamed into place,
+so an interrupted export never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -73,9 +73,7 @@ def export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        model.config.register_for_auto_class()
-        model.register_for_auto_class("AutoModelForCausalLM")
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # the linearized classes write auto_map and their modeling files
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         files = {"README.md": model_card(model, metrics), **(extra_files or {})}

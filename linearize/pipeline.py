@@ -1,4 +1,4 @@
-"""``linearize run RECIPE [key=value ...]``: convert -> attention transfer -> LoRA -> export -> evaluate.
+"""The whole pipeline of a recipe: convert -> attention transfer -> LoRA -> export -> evaluate.
 
 Every stage writes into the run directory and is skipped when its output is complete; a stage
 that was interrupted resumes from its last checkpoint. The same command runs on one process or
@@ -8,7 +8,6 @@ share of each batch, evaluation and export happen on the main process).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,25 +21,16 @@ from accelerate.utils import set_seed
 import linearize
 from linearize.attention_transfer import run_attention_transfer
 from linearize.convert import restore_softmax_layers
-from linearize.convert.command import generate_answer
 from linearize.corpora import read_corpus
 from linearize.data import build_blocks
 from linearize.eval import chunk_tokens, perplexity
 from linearize.finetune import add_lora, merge_lora, run_finetune
-from linearize.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from linearize.generation import generate_answer
+from linearize.recipe import Recipe, RecipeError, dump_recipe
 from linearize.training import atomic_save_tensors, atomic_write_text, load_trainable_state, trainable_state
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "run", help="run a recipe: convert, distil, finetune, export, evaluate",
-        description="Run every stage of RECIPE. Overrides are dotted keys, e.g. finetune.steps=40 run.output_dir=runs/x",
-    )
-    parser.add_argument("recipe", type=Path)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of recipe fields")
-    parser.set_defaults(func=run)
+# run.precision -> the dtype of the frozen weights; new parameters keep fp32 masters (see convert).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RunRecord:
@@ -97,7 +87,8 @@ def _layer_table(first: dict, best: dict) -> str:
 
 def run_recipe(recipe: Recipe) -> dict:
     """Run every stage of ``recipe``; returns the run's metrics."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.run.precision)
+    precision = recipe.run.precision
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no" if precision == "fp32" else precision)
     main = accelerator.is_main_process
     run_dir = Path(recipe.run.output_dir)
     if main:
@@ -110,7 +101,7 @@ def run_recipe(recipe: Recipe) -> dict:
     set_seed(recipe.run.seed)
     started = time.perf_counter()
 
-    teacher, tokenizer = linearize.load(recipe.model.ref, dtype=DTYPES[recipe.model.dtype])
+    teacher, tokenizer = linearize.load(recipe.model.ref, dtype=DTYPES[precision])
     _check_context(recipe, teacher)
     teacher.to(accelerator.device)
     blocks = build_blocks(recipe.data, tokenizer, recipe.run.seed)
@@ -211,8 +202,3 @@ def _print_summary(recipe: Recipe, values: dict, transfer: dict | None, finetune
             print(f"  {name}: {values[f'{name}_answer']}")
     if recipe.export.enabled:
         print(f"exported to {recipe.export_dir}")
-
-
-def run(args: argparse.Namespace) -> int:
-    run_recipe(load_recipe(args.recipe, args.overrides))
-    return 0

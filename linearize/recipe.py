@@ -35,22 +35,33 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    """The teacher: ``ref`` is a shorthand (smollm2-135m), a .gguf file, a folder or a hub id."""
+    """The teacher: ``ref`` is a shorthand (smollm2-135m), a .gguf file, a folder or a hub id.
+
+    Its weights are loaded in the dtype of ``run.precision`` (the one precision knob)."""
 
     ref: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError("'model.dtype' is now set by run.precision (fp32, bf16 or fp16); fix: remove model.dtype")
+        return data
 
 
 class AttentionSection(Section):
-    """The attention variant (a preset name) and overrides of its options."""
+    """The attention variant (a preset name) and overrides of its options; every field of
+    ``LinearAttentionOptions`` can be set (null keeps the preset's value)."""
 
     name: str
+    feature_map: Literal["hedgehog", "based"] | None = None
+    feature_dim: PositiveInt | None = None
     window: NonNegativeInt | None = None
     sink_tokens: NonNegativeInt | None = None
     init_gamma: float | None = None
-    feature_dim: PositiveInt | None = None
+    jrt: bool | None = None
     chunk_size: PositiveInt | None = None
-    jrt_prefix_length: NonNegativeInt | None = None
+    eps: PositiveFloat | None = None
     softmax_layers: list[NonNegativeInt] = []
     # After attention transfer, also keep as softmax the k layers with the highest transfer loss.
     auto_softmax_layers: NonNegativeInt = 0
@@ -58,6 +69,21 @@ class AttentionSection(Section):
     def options(self) -> dict:
         """Keyword options for ``linearize.convert`` (without the variant name)."""
         return self.model_dump(exclude={"name", "auto_softmax_layers"}, exclude_none=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "jrt_prefix_length" in data:
+            raise ValueError(
+                "'attention.jrt_prefix_length' would make every scoring call read tokens non-causally; a JRT "
+                "training prefix is set per stage; fix: use attention_transfer.jrt_prefix_length and "
+                "finetune.jrt_prefix_length"
+            )
+        return data
+
+    @property
+    def uses_jrt(self) -> bool:
+        return attention_options(self.name, **self.options()).jrt
 
     @model_validator(mode="after")
     def _check(self) -> AttentionSection:
@@ -125,6 +151,9 @@ class LossWeights(Section):
 
 
 class TrainingSection(Section):
+    """One training stage. ``jrt_prefix_length`` (JRT models only): the first M tokens of every block
+    are the encoder's non-causal prefix; no loss falls on them or on the tokens they predict."""
+
     enabled: bool = True
     steps: NonNegativeInt = 100
     batch_size: PositiveInt = 1
@@ -134,6 +163,7 @@ class TrainingSection(Section):
     warmup_steps: NonNegativeInt = 0
     validate_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
+    jrt_prefix_length: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainingSection:
@@ -182,7 +212,9 @@ class ExportSection(Section):
 class RunSection(Section):
     output_dir: str
     seed: NonNegativeInt = 0
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    # The one precision knob: frozen weights load in this dtype, new parameters (feature maps, mix
+    # factors, JRT encoders, LoRA) keep fp32 masters, and the forward runs under autocast.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: PositiveInt = 10
 
 
@@ -204,6 +236,15 @@ class Recipe(Section):
             )
         if self.finetune.enabled and self.finetune.distill.weight > 0 and self.finetune.steps == 0:
             raise ValueError("finetune.distill.weight > 0 needs finetune.steps > 0")
+        for stage in ("attention_transfer", "finetune"):
+            prefix = getattr(self, stage).jrt_prefix_length
+            if prefix and not self.attention.uses_jrt:
+                raise ValueError(f"{stage}.jrt_prefix_length needs a JRT model (attention.name: jrt, or attention.jrt: true)")
+            if prefix >= self.data.block_length:
+                raise ValueError(
+                    f"{stage}.jrt_prefix_length ({prefix}) must be shorter than data.block_length "
+                    f"({self.data.block_length}): no token after the prefix would carry a loss"
+                )
         return self
 
     @property

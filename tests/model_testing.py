@@ -15,6 +15,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -50,15 +52,44 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
+    """Qwen2: biases on q/k/v (not o) and an output layer not tied to the embeddings."""
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+        tie_word_embeddings=False,
     )
-    return Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(config).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None and model.lm_head.weight is not model.model.embed_tokens.weight
+    return model
 
 
-TEACHERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# Shorter than most test sequences, so the teacher's own window is exercised; the converted
+# students use windows <= this (SMALL_WINDOW).
+MISTRAL_SLIDING_WINDOW = 8
+
+
+def tiny_mistral() -> MistralForCausalLM:
+    """Mistral with a sliding window shorter than the test sequences (as Mistral-7B-v0.1's 4096)."""
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+        sliding_window=MISTRAL_SLIDING_WINDOW,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+TEACHERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a teacher or student of any tested family."""
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def attention_attr(family: str) -> str:
+    return "attn" if family == "gpt2" else "self_attn"
 
 
 def options_for(attention: str) -> dict:

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testing import ALL_ATTENTIONS, TEACHERS, VOCAB, converted, options_for, tiny_qwen2
+from model_testing import (
+    ALL_ATTENTIONS,
+    TEACHERS,
+    MISTRAL_SLIDING_WINDOW,
+    VOCAB,
+    assert_close,
+    attention_attr,
+    converted,
+    decoder_layers,
+    options_for,
+    tiny_mistral,
+    tiny_qwen2,
+)
 from transformers import OPTConfig, OPTForCausalLM
 
 import linearize
@@ -38,7 +50,7 @@ def test_conversion_reuses_weights_and_adds_only_new_parameters(family, attentio
 def test_jrt_encoder_starts_as_a_copy_of_key_value_projections(family):
     student = linearize.convert(TEACHERS[family](), attention="jrt")
     layer = student.decoder_layers()[0]
-    if family == "llama":
+    if family != "gpt2":
         attention = layer.self_attn
         assert torch.equal(attention.k_enc_proj.weight, attention.k_proj.weight)
         assert attention.k_enc_proj.weight.data_ptr() != attention.k_proj.weight.data_ptr(), "must be a copy"
@@ -51,13 +63,13 @@ def test_jrt_encoder_starts_as_a_copy_of_key_value_projections(family):
 
 def test_softmax_layers_stay_the_teachers_modules(family):
     teacher = TEACHERS[family]()
-    attr = "self_attn" if family == "llama" else "attn"
-    teacher_layers = teacher.model.layers if family == "llama" else teacher.transformer.h
+    attr = attention_attr(family)
+    teacher_layers = decoder_layers(teacher)
     original = [type(getattr(layer, attr)) for layer in teacher_layers]
-    student = linearize.convert(teacher, attention="window_hedgehog", softmax_layers=[1])
+    student = linearize.convert(teacher, attention="window_hedgehog", softmax_layers=[1], **options_for("window_hedgehog"))
     layers = student.decoder_layers()
     assert type(getattr(layers[1], attr)) is original[1]
-    linear_class = LinearizedLlamaAttention if family == "llama" else LinearizedGPT2Attention
+    linear_class = LinearizedGPT2Attention if family == "gpt2" else LinearizedLlamaAttention
     assert isinstance(getattr(layers[0], attr), linear_class)
 
 
@@ -66,26 +78,33 @@ def test_all_softmax_layers_reproduce_the_teacher(family):
     ids = torch.randint(0, VOCAB, (2, 19))
     with torch.no_grad():
         expected = teacher(ids).logits
-        layers = len(teacher.model.layers if family == "llama" else teacher.transformer.h)
+        layers = len(decoder_layers(teacher))
         student = linearize.convert(teacher, attention="hedgehog", softmax_layers=list(range(layers)))
         assert torch.equal(student(ids).logits, expected)
 
 
-def test_window_variant_starts_close_to_window_softmax(family):
-    """With gamma near 0 the window variants reduce to softmax over window + sinks."""
-    student = converted(family, "window_hedgehog", init_gamma=1e-6)
+@pytest.mark.parametrize("attention", ["window_hedgehog", "window_based"])
+def test_window_covering_the_sequence_is_the_teacher(family, attention):
+    """Teacher identity: when the softmax window holds every key, the hybrid is the teacher's softmax
+    attention whatever gamma is, at the logits level, with a left-padded row too."""
     teacher = TEACHERS[family]()
-    short = torch.randint(0, VOCAB, (1, 6))  # shorter than window + sinks: every key is in the softmax part
+    length = MISTRAL_SLIDING_WINDOW if family == "mistral" else 19  # a sliding teacher bounds the window
+    torch.manual_seed(4)
+    ids = torch.randint(3, VOCAB, (2, length))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        assert torch.allclose(student(short).logits, teacher(short).logits, atol=1e-4)
+        expected = teacher(ids, attention_mask=mask, position_ids=positions).logits
+    student = converted(family, attention, window=length, sink_tokens=1, init_gamma=0.7)
+    with torch.no_grad():
+        actual = student(ids, attention_mask=mask).logits
+    assert_close("logits", expected[mask.bool()], actual[mask.bool()], atol=1e-5, rtol=0)
 
 
-def test_qwen2_converts_and_runs():
-    student = linearize.convert(tiny_qwen2(), attention="window_based", window=4)
-    assert type(student).__name__ == "LinearizedQwen2ForCausalLM"
-    with torch.no_grad():
-        logits = student(torch.randint(0, VOCAB, (1, 11))).logits
-    assert torch.isfinite(logits).all()
+def test_window_wider_than_a_sliding_teacher_is_refused():
+    with pytest.raises(ConversionError, match=f"window 64 is wider than the teacher's sliding_window {MISTRAL_SLIDING_WINDOW}"):
+        linearize.convert(tiny_mistral(), attention="window_hedgehog", window=64)
 
 
 def test_unsupported_architecture_names_class_and_supported_list():

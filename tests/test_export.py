@@ -6,24 +6,31 @@ import json
 
 import pytest
 import torch
-from model_testing import ALL_ATTENTIONS, VOCAB, converted, reload_in_fresh_process
+from model_testing import ALL_ATTENTIONS, TEACHERS, VOCAB, converted, reload_in_fresh_process
 
 import linearize
 from linearize.export import ExportError
 
-def test_export_reloads_in_fresh_process_without_linearize(tmp_path):
+def test_saved_folders_reload_in_fresh_process_without_linearize(tmp_path):
+    """Plain ``save_pretrained`` (what push_to_hub and HF Trainer call) and ``linearize.export`` both
+    write self-contained folders: every family and variant, reloaded where linearize cannot be
+    imported, gives the same logits."""
     torch.manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, 23))
     ids_file = tmp_path / "ids.pt"
     torch.save(ids, ids_file)
     jobs, expected = [], {}
-    for family in ("llama", "gpt2"):
+    for family in TEACHERS:
         for attention in ALL_ATTENTIONS:
             name = f"{family}-{attention}"
             model = converted(family, attention, softmax_layers=[1])
             with torch.no_grad():
                 expected[name] = model(ids).logits
-            folder = linearize.export(model, None, tmp_path / name)
+            folder = tmp_path / name
+            if attention == "window_hedgehog":
+                linearize.export(model, None, folder)
+            else:
+                model.save_pretrained(folder)
             jobs.append((folder, ids_file, tmp_path / f"{name}.logits.pt"))
     reload_in_fresh_process(jobs)
     for name, logits in expected.items():

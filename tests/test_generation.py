@@ -4,49 +4,87 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testing import ALL_ATTENTIONS, SMALL_WINDOW, VOCAB, converted
+from model_testing import ALL_ATTENTIONS, SMALL_WINDOW, VOCAB, assert_close, converted
 from transformers import DynamicCache
 
 PROMPT, NEW = 9, 14  # the sequence outgrows window + sinks
 
 
-def greedy_by_full_forward(model, prompt: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
-    sequence = prompt
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(sequence, use_cache=False, **kwargs).logits
-        sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
-    return sequence
+def full_forward_logits(model, sequence: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(sequence, use_cache=False, **kwargs).logits
 
 
 @pytest.mark.parametrize("attention", ALL_ATTENTIONS)
 @pytest.mark.parametrize("softmax_layers", [[], [1]], ids=["all-linear", "hybrid"])
-def test_cached_greedy_equals_full_forward(family, attention, softmax_layers):
+def test_cached_generation_logits_equal_full_forward(family, attention, softmax_layers):
+    """At every step of cached greedy generation, the logits equal those of the full forward."""
     model = converted(family, attention, softmax_layers=softmax_layers)
     torch.manual_seed(2)
     prompt = torch.randint(3, VOCAB, (2, PROMPT))
     with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=NEW, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
     # generate() gives JRT the whole prompt as its prefix; the full forward must be told the same.
     extra = {"jrt_prefix_length": PROMPT} if attention == "jrt" else {}
-    assert torch.equal(generated, greedy_by_full_forward(model, prompt, NEW, **extra))
+    full = full_forward_logits(model, out.sequences[:, :-1], **extra)
+    for step, logits in enumerate(out.logits):
+        assert_close(f"step {step} logits", full[:, PROMPT - 1 + step], logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ALL_ATTENTIONS)
+@pytest.mark.parametrize("softmax_layers", [[], [1]], ids=["all-linear", "hybrid"])
+def test_multi_token_continuation_from_a_filled_cache(family, attention, softmax_layers):
+    """Prefill, then 5 tokens at once, then one at a time: every logit equals the full forward's."""
+    model = converted(family, attention, softmax_layers=softmax_layers)
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 20))
+    first = 7
+    extra = {"jrt_prefix_length": first} if attention == "jrt" else {}
+    cache = model.new_cache()
+    pieces = []
+    with torch.no_grad():
+        for start, end in [(0, first), (first, first + 5), *[(t, t + 1) for t in range(first + 5, 20)]]:
+            kwargs = extra if start == 0 else {}
+            pieces.append(model(ids[:, start:end], cache=cache, use_cache=True, **kwargs).logits)
+    assert_close("continued logits", full_forward_logits(model, ids, **extra), torch.cat(pieces, dim=1),
+                 atol=1e-4, rtol=0)
+
+
+def left_padded_pair(model, long_length: int = 12, short_length: int = 7):
+    torch.manual_seed(3)
+    long, short = torch.randint(3, VOCAB, (1, long_length)), torch.randint(3, VOCAB, (1, short_length))
+    pad = long_length - short_length
+    batch = torch.cat([long, torch.cat([torch.full((1, pad), model.config.pad_token_id), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    return long, short, batch, mask
+
+
+@pytest.mark.parametrize("attention", ALL_ATTENTIONS)
+def test_left_padded_direct_forward_equals_unpadded_rows(family, attention):
+    """model(ids, attention_mask=m) alone, without position_ids: each row computes what it computes unpadded."""
+    model = converted(family, attention, softmax_layers=[1])
+    long, short, batch, mask = left_padded_pair(model, 20, 11)
+    together = full_forward_logits(model, batch, attention_mask=mask)
+    assert_close("long row", full_forward_logits(model, long)[0], together[0], rtol=0)
+    assert_close("short row", full_forward_logits(model, short)[0], together[1, 9:], rtol=0)
 
 
 @pytest.mark.parametrize("attention", ALL_ATTENTIONS)
 def test_left_padded_batch_generates_like_single_prompts(family, attention):
     model = converted(family, attention)
-    torch.manual_seed(3)
-    long, short = torch.randint(3, VOCAB, (1, 12)), torch.randint(3, VOCAB, (1, 7))
-    pad = model.config.pad_token_id
-    batch = torch.cat([long, torch.cat([torch.full((1, 5), pad), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :5] = 0
+    long, short, batch, mask = left_padded_pair(model)
+    options = dict(max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        together = model.generate(batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-        alone_long = model.generate(long, max_new_tokens=NEW, do_sample=False)
-        alone_short = model.generate(short, max_new_tokens=NEW, do_sample=False)
-    assert torch.equal(together[0, 12:], alone_long[0, 12:])
-    assert torch.equal(together[1, 12:], alone_short[0, 7:])
+        together = model.generate(batch, attention_mask=mask, **options)
+        alone_long = model.generate(long, **options)
+        alone_short = model.generate(short, **options)
+    assert torch.equal(together.sequences[0, 12:], alone_long.sequences[0, 12:])
+    assert torch.equal(together.sequences[1, 12:], alone_short.sequences[0, 7:])
+    for step, logits in enumerate(together.logits):
+        assert_close(f"long row, step {step}", alone_long.logits[step][0], logits[0], atol=1e-4, rtol=0)
+        assert_close(f"short row, step {step}", alone_short.logits[step][0], logits[1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("attention", ["hedgehog", "window_based", "jrt"])

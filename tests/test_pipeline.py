@@ -18,11 +18,14 @@ from accelerate import Accelerator
 from model_testing import VOCAB, converted, reload_in_fresh_process
 from safetensors.torch import load_file
 from test_recipe import tiny_recipe
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize.attention_transfer import layer_losses, run_attention_transfer
-from linearize.finetune import add_lora, merge_lora
+from linearize.corpora import read_corpus
+from linearize.eval import chunk_tokens, perplexity
+from linearize.finetune import add_lora, finetune_loss, merge_lora
+from linearize.recipe import FinetuneSection
 from linearize.recipe import AttentionTransferSection, LoraSection
 
 
@@ -123,6 +126,7 @@ def test_killed_runs_resume_to_the_same_weights(tmp_path, tiny_model_folder):
 def test_finished_run_is_skipped_and_export_reloads_exactly(tmp_path, tiny_model_folder):
     recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
     recipe["finetune"]["distill"] = {"weight": 0.5, "temperature": 2.0}
+    recipe["eval"]["perplexity_chunks"] = 2
     path = write_recipe(tmp_path, recipe)
     run_to_end(path)
     export = tmp_path / "run" / "export"
@@ -135,9 +139,12 @@ def test_finished_run_is_skipped_and_export_reloads_exactly(tmp_path, tiny_model
     assert config["model_type"] == "linearized_llama" and "recipe.resolved.yaml" in os.listdir(export)
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
     assert not any("lora" in name for name, _ in model.named_parameters()), "LoRA must be merged"
-    # The merged export equals the run's finetuned model: same perplexity on held-out text.
+    # The merged export equals the run's finetuned model: it re-scores its own perplexity.
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert json.loads((export / "metrics.json").read_text()) == metrics
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    chunks = chunk_tokens(tokenizer, read_corpus("wikitext2"), 512, recipe["eval"]["perplexity_chunks"])
+    assert perplexity(model, chunks, progress=False) == pytest.approx(metrics["finetuned_perplexity"], rel=1e-5)
 
 
 def test_two_processes_compute_the_same_losses(tmp_path, tiny_model_folder):
@@ -185,3 +192,50 @@ def test_lora_merge_then_export_reloads_identical_logits(tmp_path, family):
     torch.save(ids, tmp_path / "ids.pt")
     reload_in_fresh_process([(folder, tmp_path / "ids.pt", tmp_path / "logits.pt")])
     assert (torch.load(tmp_path / "logits.pt") - merged_logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5], ids=["ce", "ce+kd"])
+def test_jrt_finetune_puts_no_loss_on_logits_that_read_their_target(distill):
+    """With a JRT prefix of M tokens, logits at positions < M - 1 saw their targets: no gradient."""
+    model = add_lora(converted("llama", "jrt"), LoraSection(rank=2, alpha=4))
+    section = FinetuneSection(jrt_prefix_length=6, distill={"weight": distill})
+    logits = {}
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: logits.setdefault("value", output) if torch.is_grad_enabled() else None
+    )
+    torch.manual_seed(8)
+    loss, _ = finetune_loss(model, model, torch.randint(3, VOCAB, (2, 16)), section)
+    handle.remove()
+    logits["value"].retain_grad()
+    loss.backward()
+    per_position = logits["value"].grad.abs().sum(dim=(0, 2))
+    assert torch.all(per_position[:5] == 0), per_position
+    assert torch.all(per_position[5:15] > 0), per_position
+
+
+def test_bf16_run_trains_fp32_masters_without_nan(tmp_path, tiny_model_folder):
+    """run.precision=bf16: frozen weights in bf16, new parameters fp32 masters that do move at a
+    small learning rate, every logged loss finite (JRT prefix, xent + mse, LoRA + KD)."""
+    recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
+    recipe["attention"] = {"name": "jrt", "window": 8, "sink_tokens": 2}
+    recipe["attention_transfer"].update(lr=1e-4, jrt_prefix_length=16, loss={"xent": 1.0, "mse": 1.0})
+    recipe["finetune"].update(lr=1e-4, jrt_prefix_length=16, distill={"weight": 0.5})
+    recipe["run"]["precision"] = "bf16"
+    recipe["export"] = {"enabled": False}
+    run_to_end(write_recipe(tmp_path, recipe))
+    for stage in ("attention_transfer", "finetune"):
+        for line in (tmp_path / "run" / stage / "log.jsonl").read_text().splitlines():
+            numbers = [v for v in json.loads(line).get("validation", json.loads(line)).values() if isinstance(v, float)]
+            assert numbers and all(torch.isfinite(torch.tensor(numbers))), f"{stage}: {line}"
+    weights = load_file(tmp_path / "run" / "attention_transfer" / "weights.safetensors")
+    assert weights and all(t.dtype == torch.float32 for t in weights.values()), "new parameters must stay fp32"
+    initial = converted_from_folder(tiny_model_folder, "jrt", window=8, sink_tokens=2)
+    moved = [name for name, t in weights.items() if not torch.equal(t, initial[name])]
+    assert any("feature_map" in n for n in moved) and any("enc_proj" in n for n in moved), "updates rounded away"
+
+
+def converted_from_folder(folder: Path, attention: str, **options) -> dict[str, torch.Tensor]:
+    """The new parameters right after conversion (the run's starting point, seed 0)."""
+    model, _ = linearize.load(folder)
+    student = linearize.convert(model, attention=attention, seed=0, **options)
+    return {name: p.detach().float() for name, p in student.named_parameters()}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from linearize.cli import main
+from linearize.convert import attention_options
 from linearize.recipe import RecipeError, apply_override, dump_recipe, load_recipe, validate_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -60,7 +61,12 @@ MALFORMED = [
     ("data.sources", [{"type": "jsonl"}], "a jsonl source needs 'path'"),
     ("data.sources", [{"type": "s3", "name": "x"}], "'data.sources.0.type': Input should be"),
     ("data.block_length", 4, "'data.block_length': Input should be greater than or equal to 8 (got 4)"),
-    ("run.precision", "fp8", "'run.precision': Input should be 'no', 'bf16' or 'fp16' (got 'fp8')"),
+    ("run.precision", "fp8", "'run.precision': Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"),
+    ("model.dtype", "bfloat16", "'model.dtype' is now set by run.precision"),
+    ("attention.jrt_prefix_length", 128, "fix: use attention_transfer.jrt_prefix_length and finetune.jrt_prefix_length"),
+    ("attention_transfer.jrt_prefix_length", 16, "attention_transfer.jrt_prefix_length needs a JRT model"),
+    ("attention.feature_map", "relu", "'attention.feature_map': Input should be 'hedgehog' or 'based'"),
+    ("attention.eps", 0, "'attention.eps': Input should be greater than 0"),
     ("attention_transfer.loss", {"xent": 0, "mse": 0}, "at least one of xent and mse must be > 0"),
     ("finetune.lora.dropout", 1.5, "'finetune.lora.dropout': Input should be less than 1 (got 1.5)"),
     ("attention_transfer.warmup_steps", 99, "warmup_steps (99) cannot exceed steps (4)"),
@@ -78,6 +84,23 @@ def test_malformed_recipe_is_one_line_error_with_exit_2(tmp_path, capsys, tiny_m
     assert error.count("\n") == 1 and error.startswith("error: recipe"), "one line"
     assert "Traceback" not in error
     assert not (tmp_path / "run").exists(), "no work may start"
+
+
+def test_jrt_prefix_must_leave_tokens_to_score(tmp_path, tiny_model_folder):
+    recipe = tiny_recipe(tiny_model_folder, tmp_path)
+    recipe["attention"] = {"name": "jrt"}
+    recipe["finetune"]["jrt_prefix_length"] = 64
+    with pytest.raises(RecipeError, match=r"finetune.jrt_prefix_length \(64\) must be shorter than data.block_length"):
+        validate_recipe(recipe)
+    recipe["finetune"]["jrt_prefix_length"] = 16
+    assert validate_recipe(recipe).finetune.jrt_prefix_length == 16
+
+
+def test_every_conversion_option_can_be_set_from_a_recipe(tmp_path, tiny_model_folder):
+    recipe = tiny_recipe(tiny_model_folder, tmp_path)
+    recipe["attention"].update(feature_map="based", feature_dim=4, jrt=True, eps=1e-3, chunk_size=16, init_gamma=0.2)
+    options = attention_options(recipe["attention"]["name"], **validate_recipe(recipe).attention.options())
+    assert (options.feature_map, options.feature_dim, options.jrt, options.eps, options.chunk_size) == ("based", 4, True, 1e-3, 16)
 
 
 def test_impossible_combination_is_rejected(tmp_path, tiny_model_folder):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from linearize.attention_transfer.losses import transfer_losses
-from linearize.kernels.triton import softmax_attention
-from linearize.hf.modeling_linearized import LinearAttentionCore, new_token_validity
+from linearize.kernels.reference import softmax_attention
+from linearize.hf.modeling_linearized import LinearAttentionCore, jrt_prefix_positions
 
 
 class LayerTransfer:
@@ -30,14 +30,16 @@ class LayerTransfer:
         self.need_xent = need_xent
         self.losses: dict[str, torch.Tensor] = {}
 
-    def __call__(self, q, k, v, *, attention_mask, cache_layer, encoder_kv=None, prefix_length=0):
+    def __call__(self, q, k, v, *, valid, cache_layer, encoder_kv=None, prefix_length=0):
         if cache_layer is not None:
             raise ValueError("transfer mode runs without a cache: call the model with use_cache=False")
-        valid = new_token_validity(attention_mask, q.shape[0], q.shape[2], q.device)
+        core = self.core
         if not self.with_losses:
-            return softmax_attention(q, k, v, self.core.scaling, valid)[1].to(q.dtype)
-        initial = self.core.encoder_prefix_state(valid, encoder_kv, prefix_length)
-        self.losses, teacher_out = transfer_losses(self.core, q, k, v, valid, initial, self.need_xent)
+            return softmax_attention(q, k, v, core.scaling, valid, sliding_window=core.teacher_window)[1].to(q.dtype)
+        initial = core.encoder_prefix_state(valid, encoder_kv, prefix_length)
+        # The prefix's outputs read later tokens through the encoder state: no loss falls on them.
+        scored = None if initial is None else valid & ~jrt_prefix_positions(valid, prefix_length)
+        self.losses, teacher_out = transfer_losses(core, q, k, v, valid, initial, self.need_xent, scored)
         return teacher_out.detach().to(q.dtype)
 
 

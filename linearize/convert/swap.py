@@ -13,6 +13,7 @@ from linearize.hf.modeling_linearized import (
     LinearizedLlamaForCausalLM,
     LinearizedMistralForCausalLM,
     LinearizedQwen2ForCausalLM,
+    teacher_sliding_window,
 )
 
 # Exact classes only: a subclass may change attention in ways the swap does not know about.
@@ -57,6 +58,18 @@ def _check_supported(model: PreTrainedModel) -> type[LinearizedCausalLMMixin]:
     return target
 
 
+def _check_teacher_window(model: PreTrainedModel, target: type[LinearizedCausalLMMixin], window: int) -> None:
+    """Refuse a softmax window wider than the teacher's own sliding window (Mistral, Qwen2): the
+    student would give exact softmax weight to keys its teacher never attends to."""
+    for index in range(len(target.decoder_layers(model))):
+        teacher_window = teacher_sliding_window(model.config, index)
+        if teacher_window is not None and window > teacher_window:
+            raise ConversionError(
+                f"window {window} is wider than the teacher's sliding_window {teacher_window} (layer {index}); "
+                f"fix: use window <= {teacher_window}"
+            )
+
+
 def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: int = 0, **options) -> PreTrainedModel:
     """Swap the attention of ``model`` for linear attention, in place, and return it.
 
@@ -74,6 +87,7 @@ def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: in
     out_of_range = [i for i in resolved.softmax_layers if not 0 <= i < layers]
     if out_of_range:
         raise ConversionError(f"softmax_layers {out_of_range} are out of range: the model has layers 0..{layers - 1}")
+    _check_teacher_window(model, target, resolved.window)
     parameter = next(model.parameters())
     config = model.config
     config.__class__ = target.config_class  # same fields, own model_type
@@ -82,7 +96,9 @@ def convert(model: PreTrainedModel, attention: str = "window_hedgehog", seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.swap_attention()
-    return model.to(device=parameter.device, dtype=parameter.dtype)
+    # New parameters are created in fp32 and stay so (masters): in bf16 an AdamW update below ~1e-3
+    # of a weight near 1.0 rounds to nothing. The modules cast them to the activations' dtype.
+    return model.to(device=parameter.device)
 
 
 def restore_softmax_layers(model: LinearizedCausalLMMixin, layers: list[int]) -> None:

@@ -7,8 +7,8 @@
 
 Modules: ``tasks/`` (the offline task files and vendored data), ``harness`` (lm-eval on an
 in-memory model), ``perplexity`` (fixed-chunk perplexity), ``recall`` (MQAR, passkey, JRT-Prompt),
-``decode_bench`` (prefill/decode/memory), ``tables``/``plots``/``report`` (report.md, model card),
-``command`` (the CLI subcommands).
+``decode_bench`` (prefill/decode/memory), ``tables``/``plots``/``report`` (report.md, model card).
+The ``eval`` and ``bench decode`` subcommands live in ``linearize.cli.eval``.
 """
 
 from linearize.eval.perplexity import chunk_tokens, perplexity

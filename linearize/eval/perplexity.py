@@ -29,6 +29,13 @@ def chunk_tokens(
 
 
 @torch.no_grad()
+def next_token_log_likelihoods(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
+    """log p(token t | tokens < t) for t >= 1 of ``batch`` [B, L] -> [B, L - 1], fp32 (causal scoring)."""
+    logits = model(batch, use_cache=False).logits[:, :-1].float()
+    return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+
+
+@torch.no_grad()
 def perplexity(
     model: PreTrainedModel, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
 ) -> float:
@@ -37,10 +44,6 @@ def perplexity(
     total, count = 0.0, 0
     for start in tqdm(range(0, len(chunks), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = chunks[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
+        total -= next_token_log_likelihoods(model, batch).sum().item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)

@@ -15,6 +15,12 @@ sequence. That equals greedy decoding of the answer, without a generation loop.
 * **JRT-Prompt** (Arora et al. 2024, arXiv 2407.05483): the context (MQAR's pairs, the passkey
   haystack) is given twice, so a recurrent model sees every fact again after knowing the question
   shape. It makes sequences longer by one context.
+
+Scoring is causal by default: no logit depends on a later token. Every example also records its
+*context*, the tokens before the first answer token (MQAR's pairs and filler; the passkey haystack
+and question). With ``jrt_prefix=True`` a JRT-RNN model reads that context as its non-causal prefix
+(``jrt_prefix_length``), as ``generate()`` reads a prompt; answers never lie inside it, so nothing
+scored can see its own answer. Models without a JRT encoder score the same either way.
 """
 
 from __future__ import annotations
@@ -32,10 +38,17 @@ from linearize.errors import UserError
 @dataclass(frozen=True)
 class RecallExample:
     """A token sequence and its answers: each answer is the positions whose next token must be
-    predicted (logits at position p predict ``input_ids[p + 1]``)."""
+    predicted (logits at position p predict ``input_ids[p + 1]``). The first ``context_length``
+    tokens are the context, which holds no answer token (a JRT model may read it non-causally)."""
 
     input_ids: list[int]
     answers: list[list[int]]
+    context_length: int
+
+    def __post_init__(self) -> None:
+        first_answer_token = min(p for positions in self.answers for p in positions) + 1
+        if not 0 < self.context_length <= first_answer_token:
+            raise ValueError(f"context_length {self.context_length} overlaps the answers (first at {first_answer_token})")
 
 
 def _context(context: list[int], jrt: bool) -> list[int]:
@@ -79,7 +92,7 @@ def mqar_examples(
         prefix = _context(pairs, jrt) + filler
         # The query key sits at len(prefix) + 2j; its logits predict the value after it.
         answers = [[len(prefix) + 2 * j] for j in range(num_kv_pairs)]
-        examples.append(RecallExample(prefix + queries, answers))
+        examples.append(RecallExample(prefix + queries, answers, context_length=len(prefix)))
     return examples
 
 
@@ -148,26 +161,36 @@ def passkey_examples(
         context = intro + haystack[:at] + needle + haystack[at:]
         prefix = _context(context, jrt) + question
         answer = [len(prefix) - 1 + i for i in range(len(key))]  # the question's last token predicts key[0]
-        examples.append(RecallExample(prefix + key, [answer]))
+        examples.append(RecallExample(prefix + key, [answer], context_length=len(prefix)))
     return examples
 
 
+def reads_jrt_prefix(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a JRT encoder that can read a non-causal prefix."""
+    return bool((getattr(model.config, "linear_attention", None) or {}).get("jrt"))
+
+
 @torch.no_grad()
-def recall_accuracy(model: torch.nn.Module, examples: Sequence[RecallExample], batch_size: int = 8) -> float:
+def recall_accuracy(
+    model: torch.nn.Module, examples: Sequence[RecallExample], batch_size: int = 8, jrt_prefix: bool = False
+) -> float:
     """Fraction of answers whose every position is predicted right; ``model(ids).logits`` [B, T, V].
 
-    Examples of equal length are batched together (no padding, so no mask is involved).
+    Examples of equal length and context are batched together (no padding, so no mask is involved).
+    With ``jrt_prefix`` a JRT model reads each example's context as its non-causal prefix.
     """
     device = next(model.parameters(), torch.empty(0)).device
-    by_length: dict[int, list[RecallExample]] = {}
+    prefix = jrt_prefix and reads_jrt_prefix(model)
+    groups: dict[tuple[int, int], list[RecallExample]] = {}
     for example in examples:
-        by_length.setdefault(len(example.input_ids), []).append(example)
+        groups.setdefault((len(example.input_ids), example.context_length), []).append(example)
     correct = total = 0
-    for group in by_length.values():
+    for (_, context_length), group in groups.items():
+        extra = {"jrt_prefix_length": context_length} if prefix else {}
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             ids = torch.tensor([example.input_ids for example in batch], device=device)
-            predicted = model(ids, use_cache=False).logits.argmax(-1)  # [B, T]
+            predicted = model(ids, use_cache=False, **extra).logits.argmax(-1)  # [B, T]
             for row, example in enumerate(batch):
                 for positions in example.answers:
                     index = torch.tensor(positions, device=device)
@@ -187,6 +210,7 @@ class RecallSettings:
     passkey_lengths: tuple[int, ...] = (256, 512, 1024)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     jrt: bool = False  # also score every test with JRT-Prompt
+    jrt_prefix: bool = False  # a JRT-RNN model reads each context as its non-causal prefix
     seed: int = 0
 
     def validate(self) -> None:
@@ -221,13 +245,13 @@ def recall_curves(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, se
             {"length": length, "accuracy": recall_accuracy(model, mqar_examples(
                 vocabulary, num_kv_pairs=settings.mqar_kv_pairs, seq_len=length,
                 num_examples=settings.mqar_examples, seed=settings.seed, jrt=jrt,
-            ))}
+            ), jrt_prefix=settings.jrt_prefix)}
             for length in settings.mqar_lengths
         ]
         curves["passkey"][prompt] = [
             {"length": length, "accuracy": recall_accuracy(model, passkey_examples(
                 tokenizer, context_length=length, depths=settings.passkey_depths, seed=settings.seed, jrt=jrt,
-            ))}
+            ), jrt_prefix=settings.jrt_prefix)}
             for length in settings.passkey_lengths
         ]
     return curves

@@ -2,6 +2,10 @@
 
 The teacher needs no second copy of the model: the same model with its adapters disabled, run in
 transfer mode (softmax attention in every layer), *is* the teacher.
+
+JRT models may train with a non-causal prefix (``jrt_prefix_length`` M): the first M tokens are
+read by the encoder, so the logits at positions < M - 1 saw their targets; no loss falls on them.
+Validation is scored causally, like every perplexity.
 """
 
 from __future__ import annotations
@@ -46,25 +50,36 @@ def validation_metrics(model, blocks: torch.Tensor) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
+def finetune_loss(wrapped, model, batch: torch.Tensor, section: FinetuneSection) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token CE (plus KD) of ``batch`` [B, T] through ``wrapped`` (``model``, maybe DDP-wrapped).
+
+    With a JRT prefix of M tokens, the logits at positions < M - 1 read their own target through
+    the encoder, so only the targets from token M on are scored.
+    """
+    prefix = section.jrt_prefix_length
+    labels = batch.clone()
+    labels[:, :prefix] = -100
+    extra = {"jrt_prefix_length": prefix} if prefix else {}
+    output = wrapped(input_ids=batch, labels=labels, use_cache=False, **extra)
+    numbers = {"ce": output.loss.item()}
+    loss = output.loss
+    distill = section.distill
+    if distill.weight > 0:
+        scored = slice(max(prefix - 1, 0), -1)
+        kd = distillation_loss(output.logits[:, scored], teacher_logits(model, batch)[:, scored], distill.temperature)
+        loss = loss + distill.weight * kd
+        numbers["kd"] = kd.item()
+    numbers["loss"] = loss.item()
+    return loss, numbers
+
+
 def run_finetune(
     accelerator: Accelerator, model, train_blocks: torch.Tensor, validation_blocks: torch.Tensor,
     section: FinetuneSection, stage_dir: Path, *, seed: int, log_every: int,
 ) -> StageResult:
     """Train the LoRA adapters of ``model`` (a peft model); keeps the best by validation loss."""
-    distill = section.distill
-
-    def loss_fn(wrapped, batch):
-        output = wrapped(input_ids=batch, labels=batch, use_cache=False)
-        numbers = {"ce": output.loss.item()}
-        loss = output.loss
-        if distill.weight > 0:
-            kd = distillation_loss(output.logits[:, :-1], teacher_logits(model, batch)[:, :-1], distill.temperature)
-            loss = loss + distill.weight * kd
-            numbers["kd"] = kd.item()
-        numbers["loss"] = loss.item()
-        return loss, numbers
-
     return train(
-        accelerator, model, train_blocks, loss_fn, lambda m: validation_metrics(m, validation_blocks),
-        section, stage_dir, seed=seed, log_every=log_every, description="LoRA finetune",
+        accelerator, model, train_blocks, lambda wrapped, batch: finetune_loss(wrapped, model, batch, section),
+        lambda m: validation_metrics(m, validation_blocks), section, stage_dir, seed=seed, log_every=log_every,
+        description="LoRA finetune",
     )

@@ -28,10 +28,10 @@ class LinearAttentionOptions:
         sink_tokens: the first n tokens of a sequence stay in every query's softmax part.
         init_gamma: initial share of the linear part, gamma = sigmoid(logit), in (0, 1); only used
             when there is a softmax part (window or sinks).
-        jrt: JRT-RNN prefix encoder (separate key/value projections initialised from k/v).
-        jrt_prefix_length: how many leading tokens of a sequence the JRT encoder reads when a call
-            starts a sequence and passes no ``jrt_prefix_length``; 0 = none. ``generate`` always
-            uses the whole prompt.
+        jrt: JRT-RNN prefix encoder (separate key/value projections initialised from k/v). The
+            encoder reads a prefix non-causally, so it is used only where a caller names the prefix:
+            ``generate`` (the prompt) or a forward call's ``jrt_prefix_length`` argument. A plain
+            forward call reads no prefix, so scoring is causal.
         softmax_layers: layer indices kept as the teacher's softmax attention.
         chunk_size: tokens per chunk in the chunked form (memory/speed trade-off, not the math).
         eps: added to the normaliser.
@@ -44,7 +44,6 @@ class LinearAttentionOptions:
     sink_tokens: int = 0
     init_gamma: float = 0.5
     jrt: bool = False
-    jrt_prefix_length: int = 0
     softmax_layers: list[int] = field(default_factory=list)
     chunk_size: int = 128
     eps: float = 1e-6
@@ -57,7 +56,6 @@ class LinearAttentionOptions:
             ("window", self.window >= 0, "an integer >= 0"),
             ("sink_tokens", self.sink_tokens >= 0, "an integer >= 0"),
             ("init_gamma", 0.0 < self.init_gamma < 1.0, "a number strictly between 0 and 1"),
-            ("jrt_prefix_length", self.jrt_prefix_length >= 0, "an integer >= 0"),
             ("chunk_size", self.chunk_size >= 1, "an integer >= 1"),
             ("eps", self.eps > 0, "a positive number"),
         ]
@@ -73,6 +71,12 @@ class LinearAttentionOptions:
     @classmethod
     def from_dict(cls, options: dict) -> LinearAttentionOptions:
         known = {f.name for f in fields(cls)}
+        if "jrt_prefix_length" in options:
+            raise ValueError(
+                "linear attention option 'jrt_prefix_length' is no longer part of a model's config: a stored "
+                "prefix made every plain forward call read tokens non-causally. Pass jrt_prefix_length=M to a "
+                "forward call instead (training recipes: attention_transfer.jrt_prefix_length)"
+            )
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown linear attention option(s) {unknown}; known: {sorted(known)}")
@@ -91,21 +95,25 @@ class LinearizedLlamaConfig(LlamaConfig):
     """``LlamaConfig`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
 
     model_type = "linearized_llama"
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and copies this file
 
 
 class LinearizedMistralConfig(MistralConfig):
     """``MistralConfig`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
 
     model_type = "linearized_mistral"
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and copies this file
 
 
 class LinearizedQwen2Config(Qwen2Config):
     """``Qwen2Config`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
 
     model_type = "linearized_qwen2"
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and copies this file
 
 
 class LinearizedGPT2Config(GPT2Config):
     """``GPT2Config`` plus ``linear_attention`` (see :class:`LinearAttentionOptions`)."""
 
     model_type = "linearized_gpt2"
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and copies this file

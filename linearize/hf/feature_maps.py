@@ -26,7 +26,8 @@ class HedgehogFeatureMap(nn.Module):
         self.output_dim = 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return hedgehog_features(x, self.weight, self.bias)
+        # Computed in the weights' dtype (fp32 masters): a peaky softmax underflows in bf16.
+        return hedgehog_features(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class BasedFeatureMap(nn.Module):
@@ -47,7 +48,7 @@ class BasedFeatureMap(nn.Module):
         self.output_dim = 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return based_features(x, self.projection)
+        return based_features(x.to(self.projection.dtype), self.projection)
 
 
 FEATURE_MAPS: dict[str, type[nn.Module]] = {"hedgehog": HedgehogFeatureMap, "based": BasedFeatureMap}

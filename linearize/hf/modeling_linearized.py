@@ -41,11 +41,14 @@ except ImportError:  # an export loaded without linearize: the exact PyTorch mat
     _STATELESS = {}
 
 
-def new_token_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """[B, T] bool, False for padding among the T new tokens, read off the mask the model built.
+def token_validity_from_mask(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device, sliding_window: int | None = None
+) -> torch.Tensor:
+    """[B, T] bool, False for padding among the T new tokens of a call.
 
-    The last query's row of a causal mask allows exactly the non-padding keys, and the new tokens
-    are the last T keys.
+    A 2D padding mask [B, past + T] is read directly. A 4D mask is read off its last query's row,
+    which allows exactly the non-padding keys only for a plain causal mask; a sliding-window mask
+    also hides the keys behind its window there, so it is refused.
     """
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -54,12 +57,51 @@ def new_token_validity(attention_mask: torch.Tensor | None, batch: int, length: 
             "linearized attention reads padding from a tensor mask; load the model with "
             "attn_implementation='sdpa' or 'eager'"
         )
-    row = attention_mask[:, 0, -1, -length:] if attention_mask.dim() == 4 else attention_mask[:, -length:]
+    if attention_mask.dim() == 4:
+        if sliding_window is not None:
+            raise ValueError(
+                "a 4D attention mask of a sliding-window model hides old keys as well as padding; "
+                "pass the 2D padding mask [batch, tokens] instead"
+            )
+        row = attention_mask[:, 0, -1, -length:]
+    else:
+        row = attention_mask[:, -length:]
     if row.dtype == torch.bool:
         return row
     if row.is_floating_point():
         return row > torch.finfo(row.dtype).min / 2
     return row != 0
+
+
+def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids [B, T] of the last T tokens of a 2D padding mask: each token's index among the real
+    tokens of its row (padding gets 0), so a left-padded row is embedded like the unpadded one."""
+    positions = attention_mask.long().cumsum(dim=-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
+def teacher_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of the teacher's attention in layer ``layer_idx`` (Mistral, Qwen2 with
+    ``use_sliding_window``), or None for full causal attention. It counts the query itself."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` computed in the dtype of the module's (fp32 master) weights, returned in x's dtype."""
+    return module(x.to(next(module.parameters()).dtype)).to(x.dtype)
+
+
+def jrt_prefix_positions(valid: torch.Tensor, prefix_length: int | torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: the real tokens a JRT encoder read non-causally (the first ``prefix_length`` of each row).
+
+    Losses must not fall on them, nor on the tokens they predict: their outputs saw their successors.
+    """
+    lengths = torch.as_tensor(0 if prefix_length is None else prefix_length, device=valid.device).reshape(-1, 1)
+    return valid & (token_positions(valid) < lengths)
 
 
 class LinearAttentionCore(nn.Module):
@@ -68,7 +110,10 @@ class LinearAttentionCore(nn.Module):
     Takes queries/keys/values already projected, rotated and repeated for GQA.
     """
 
-    def __init__(self, options: LinearAttentionOptions, num_heads: int, head_dim: int, scaling: float):
+    def __init__(
+        self, options: LinearAttentionOptions, num_heads: int, head_dim: int, scaling: float,
+        teacher_window: int | None = None,
+    ):
         super().__init__()
         feature_map = FEATURE_MAPS[options.feature_map]
         self.feature_map_q = feature_map(num_heads, head_dim, options.feature_dim)
@@ -79,6 +124,7 @@ class LinearAttentionCore(nn.Module):
         self.options = options
         self.num_heads = num_heads
         self.scaling = scaling
+        self.teacher_window = teacher_window  # the teacher's sliding window (transfer-mode target)
 
     def gamma(self, device: torch.device) -> torch.Tensor:
         """Per-head share of the linear part, [H]; 1 when there is no softmax part."""
@@ -92,19 +138,19 @@ class LinearAttentionCore(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        attention_mask: torch.Tensor | None,
+        valid: torch.Tensor,
         cache_layer: RecurrentStateLayer | None,
         encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prefix_length: int = 0,
+        prefix_length: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """q, k [B, H, T, d], v [B, H, T, D] -> [B, H, T, D] in q's dtype.
+        """q, k [B, H, T, d], v [B, H, T, D], valid [B, T] -> [B, H, T, D] in q's dtype.
 
         Continues from ``cache_layer``'s state when it has one and stores the new state there.
         ``encoder_kv`` (JRT) are the encoder keys/values of these tokens; when this call starts a
-        sequence, the first ``prefix_length`` of them form the initial state.
+        sequence, the first ``prefix_length`` real tokens of each row (an int or a [B] tensor) form
+        the initial state.
         """
-        batch, _, length, _ = q.shape
-        valid = new_token_validity(attention_mask, batch, length, q.device)
+        length = q.shape[2]
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         state = cache_layer.state if cache_layer is not None else None
         if state is None:
@@ -121,22 +167,20 @@ class LinearAttentionCore(nn.Module):
             cache_layer.set_state(state, length)
         return out.to(q.dtype)
 
-    def prefix_length(self, requested: int | None) -> int:
-        """JRT prefix of a call: the caller's ``jrt_prefix_length``, else the configured default."""
-        return self.options.jrt_prefix_length if requested is None else requested
-
     def encoder_prefix_state(
         self,
         valid: torch.Tensor,
         encoder_kv: tuple[torch.Tensor, torch.Tensor] | None,
-        prefix_length: int,
+        prefix_length: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """JRT's (S_enc [B, H, F, D], z_enc [B, H, F]) over the first ``prefix_length`` real tokens, or
-        None when there is no encoder or no prefix."""
-        if encoder_kv is None or prefix_length <= 0:
+        """JRT's (S_enc [B, H, F, D], z_enc [B, H, F]) over the first ``prefix_length`` real tokens of
+        each row, or None when there is no encoder or no prefix."""
+        if encoder_kv is None:
+            return None
+        in_prefix = jrt_prefix_positions(valid, prefix_length)
+        if not bool(in_prefix.any()):
             return None
         k_enc, v_enc = encoder_kv
-        in_prefix = valid & (token_positions(valid) < prefix_length)
         return prefix_state(self.feature_map_k(k_enc), v_enc, in_prefix)
 
 
@@ -161,11 +205,14 @@ class LinearizedLlamaAttention(nn.Module):
         self.teacher_class = type(base)
         for name in self.shared_modules:
             setattr(self, name, getattr(base, name))
-        self.core = LinearAttentionCore(options, config.num_attention_heads, base.head_dim, base.scaling)
+        self.core = LinearAttentionCore(
+            options, config.num_attention_heads, base.head_dim, base.scaling, teacher_sliding_window(config, layer_idx)
+        )
         if options.jrt:
-            # JRT-RNN's encoder projections start as copies of the decoder's.
-            self.k_enc_proj = copy.deepcopy(base.k_proj)
-            self.v_enc_proj = copy.deepcopy(base.v_proj)
+            # JRT-RNN's encoder projections start as copies of the decoder's; fp32 masters, as every
+            # new parameter, so low-precision training does not round their updates away.
+            self.k_enc_proj = copy.deepcopy(base.k_proj).float()
+            self.v_enc_proj = copy.deepcopy(base.v_proj).float()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)  # [B, T, H*d] -> [B, H, T, d]
@@ -176,7 +223,8 @@ class LinearizedLlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
-        jrt_prefix_length: int | None = None,
+        jrt_prefix_length: int | torch.Tensor | None = None,
+        token_validity: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = position_embeddings
@@ -186,15 +234,19 @@ class LinearizedLlamaAttention(nn.Module):
         v = self._heads(self.v_proj(hidden_states))
         encoder_kv = None
         if hasattr(self, "k_enc_proj"):
-            k_enc, _ = apply_rotary_pos_emb(self._heads(self.k_enc_proj(hidden_states)), k, cos, sin)
+            k_enc, _ = apply_rotary_pos_emb(self._heads(_in_own_dtype(self.k_enc_proj, hidden_states)), k, cos, sin)
             encoder_kv = (
                 repeat_kv(k_enc, self.num_key_value_groups),
-                repeat_kv(self._heads(self.v_enc_proj(hidden_states)), self.num_key_value_groups),
+                repeat_kv(self._heads(_in_own_dtype(self.v_enc_proj, hidden_states)), self.num_key_value_groups),
+            )
+        if token_validity is None:
+            token_validity = token_validity_from_mask(
+                attention_mask, q.shape[0], q.shape[2], q.device, self.core.teacher_window
             )
         out = self.core(
             q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups),
-            attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
-            encoder_kv=encoder_kv, prefix_length=self.core.prefix_length(jrt_prefix_length),
+            valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
+            encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.o_proj(out), None
@@ -218,8 +270,8 @@ class LinearizedGPT2Attention(nn.Module):
             setattr(self, name, getattr(base, name))
         self.core = LinearAttentionCore(options, base.num_heads, base.head_dim, base.scaling)
         if options.jrt:
-            # JRT-RNN's encoder key/value projection starts as the key/value columns of c_attn.
-            self.c_attn_enc = Conv1D(2 * base.split_size, base.embed_dim)
+            # JRT-RNN's encoder key/value projection starts as the key/value columns of c_attn (fp32 master).
+            self.c_attn_enc = Conv1D(2 * base.split_size, base.embed_dim).to(base.c_attn.weight.device)
             with torch.no_grad():
                 self.c_attn_enc.weight.copy_(base.c_attn.weight[:, base.split_size:])
                 self.c_attn_enc.bias.copy_(base.c_attn.bias[base.split_size:])
@@ -232,16 +284,20 @@ class LinearizedGPT2Attention(nn.Module):
         hidden_states: torch.Tensor,
         cache=None,
         attention_mask: torch.Tensor | None = None,
-        jrt_prefix_length: int | None = None,
+        jrt_prefix_length: int | torch.Tensor | None = None,
+        token_validity: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         q, k, v = (self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
         encoder_kv = None
         if hasattr(self, "c_attn_enc"):
-            encoder_kv = tuple(self._heads(x) for x in self.c_attn_enc(hidden_states).split(self.split_size, dim=2))
+            encoded = _in_own_dtype(self.c_attn_enc, hidden_states)
+            encoder_kv = tuple(self._heads(x) for x in encoded.split(self.split_size, dim=2))
+        if token_validity is None:
+            token_validity = token_validity_from_mask(attention_mask, q.shape[0], q.shape[2], q.device)
         out = self.core(
-            q, k, v, attention_mask=attention_mask, cache_layer=_layer_cache(cache, self.layer_idx),
-            encoder_kv=encoder_kv, prefix_length=self.core.prefix_length(jrt_prefix_length),
+            q, k, v, valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
+            encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.resid_dropout(self.c_proj(out)), None
@@ -257,6 +313,12 @@ class LinearizedCausalLMMixin:
 
     attention_attr: str
     linear_attention_class: type[nn.Module]
+    # save_pretrained (and push_to_hub, Trainer checkpoints) copies this file with its siblings and
+    # writes auto_map, so every saved folder loads with trust_remote_code where linearize is absent.
+    _auto_class = "AutoModelForCausalLM"
+    # New parameters stay fp32 masters when a checkpoint is loaded in bf16/fp16 (as after convert).
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "mix_logit", "k_enc_proj", "v_enc_proj",
+                                    "c_attn_enc"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -293,6 +355,22 @@ class LinearizedCausalLMMixin:
             cache = self.new_cache()
         return cache, use_cache
 
+    def _padding_aware_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, kwargs: dict):
+        """Position ids from the padding mask when none are given, and each new token's validity.
+
+        Validity goes to the linear layers as ``token_validity`` (they must not read it off the 4D
+        mask the model builds, which a sliding window also cuts); positions from the mask make a
+        left-padded row compute exactly what the unpadded row does, in a direct call as in generate.
+        """
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        windows = [teacher_sliding_window(self.config, i) for i in range(len(self.decoder_layers()))]
+        sliding = next((w for w in windows if w is not None), None)
+        kwargs["token_validity"] = token_validity_from_mask(attention_mask, batch, length, reference.device, sliding)
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            position_ids = positions_from_mask(attention_mask, length)
+        return position_ids
+
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         cache = inputs.get("cache")
@@ -324,6 +402,7 @@ class LlamaFamilyMixin(LinearizedCausalLMMixin):
         **kwargs,
     ):
         cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        position_ids = self._padding_aware_inputs(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -365,6 +444,7 @@ class LinearizedGPT2LMHeadModel(LinearizedCausalLMMixin, GPT2LMHeadModel):
         **kwargs,
     ):
         cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        position_ids = self._padding_aware_inputs(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
         return super().forward(
             input_ids=input_ids, cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,

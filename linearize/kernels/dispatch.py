@@ -32,8 +32,9 @@ def _kernels():
         raise UserError("the Triton kernels need the triton package (pip install triton); use backend='reference'")
     if not kernels.INTERPRETER_READY:
         raise UserError(
-            "without a CUDA device the Triton kernels run in Triton's interpreter, which must be on before "
-            "triton is imported: set TRITON_INTERPRET=1 in the environment, or use backend='reference'"
+            "backend='triton' found no CUDA device, and Triton's interpreter is off (TRITON_INTERPRET=1 is not "
+            "set); set TRITON_INTERPRET=1 in the environment before Python starts (triton reads it when first "
+            "imported), or use backend='reference'"
         )
     return kernels
 
@@ -253,9 +254,7 @@ def attention_transfer_loss(
     options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
     if _use_triton(backend, q):
         return _kernels().attention_transfer_loss(q, k, fq, fk, gamma, **options)
-    from linearize.kernels.triton import attention_transfer_loss_naive
-
-    return attention_transfer_loss_naive(q, k, fq, fk, gamma, **options)
+    return reference.attention_transfer_loss_naive(q, k, fq, fk, gamma, **options)
 
 
 def attention_output_mse(

@@ -97,3 +97,34 @@ def test_recall_accuracy_batches_equal_lengths_only():
     # Mixed lengths (plain and JRT) in one call: batching must not pad or mix them up.
     examples = mqar() + mqar(jrt=True)
     assert recall_accuracy(InductionOracle(VOCAB), examples, batch_size=4) == 1.0
+
+
+class PrefixSpy(InductionOracle):
+    """A JRT-like model for the scorer: records the ``jrt_prefix_length`` it is given."""
+
+    def __init__(self, jrt: bool):
+        super().__init__(VOCAB)
+        self.config = type("Config", (), {"linear_attention": {"jrt": jrt}})()
+        self.prefixes: list = []
+
+    def forward(self, input_ids, **kwargs):
+        self.prefixes.append(kwargs.get("jrt_prefix_length"))
+        return super().forward(input_ids)
+
+
+@pytest.mark.parametrize("jrt_model", [True, False], ids=["jrt-model", "other-model"])
+def test_jrt_prefix_is_each_context_and_only_on_request(jrt_model):
+    vocabulary = list(range(3, VOCAB))
+    examples = mqar_examples(vocabulary, num_kv_pairs=4, seq_len=40, num_examples=3)
+    examples += passkey_examples(tiny_tokenizer(), context_length=60, depths=[0.0, 1.0])
+    for example in examples:  # every answer token (at p + 1) lies after the context
+        assert all(p + 1 >= example.context_length for answer in example.answers for p in answer)
+    spy = PrefixSpy(jrt_model)
+    recall_accuracy(spy, examples)
+    assert spy.prefixes and all(p is None for p in spy.prefixes), "scoring must be causal by default"
+    spy.prefixes.clear()
+    assert recall_accuracy(spy, examples, jrt_prefix=True) == 1.0
+    if not jrt_model:
+        assert all(p is None for p in spy.prefixes), "a model without a JRT encoder gets no prefix"
+        return
+    assert spy.prefixes == list(dict.fromkeys(example.context_length for example in examples))  # one batch each

@@ -29,15 +29,30 @@ def tolerance(dtype: torch.dtype) -> float:
     return 3e-2
 
 
-def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float, atol: float = 1e-5) -> None:
-    """``tri`` matches ``ref`` if RMS(ref - tri) / RMS(ref) < ``ratio``, or if every entry is within
-    ``atol`` (for tensors that are ~0 by cancellation, e.g. dgamma without a softmax part)."""
+def assert_close(
+    name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float, atol: float = 1e-5, rtol: float | None = None
+) -> None:
+    """``tri`` matches ``ref`` if both bounds hold:
+
+    * RMS: RMS(ref - tri) / RMS(ref) < ``ratio``, or every entry is within ``atol`` (for tensors that
+      are ~0 by cancellation, e.g. dgamma without a softmax part);
+    * max-abs: max|ref - tri| <= ``atol`` + ``rtol`` * max|ref| (``rtol`` defaults to ``ratio``), so
+      one wrong row or chunk cannot hide in the RMS of a large tensor.
+    """
     ref, tri = ref.detach().float().cpu(), tri.detach().float().cpu()
     assert ref.shape == tri.shape, f"{name}: shape {list(tri.shape)}, expected {list(ref.shape)}"
     assert torch.isfinite(tri).all(), f"{name}: non-finite values"
-    diff = (ref - tri).abs().max().item() if ref.numel() else 0.0
-    error = ((ref - tri).pow(2).mean().sqrt() / (ref.pow(2).mean().sqrt() + 1e-12)).item() if ref.numel() else 0.0
+    if not ref.numel():
+        return
+    rtol = ratio if rtol is None else rtol
+    diff = (ref - tri).abs().max().item()
+    scale = ref.abs().max().item()
+    error = ((ref - tri).pow(2).mean().sqrt() / (ref.pow(2).mean().sqrt() + 1e-12)).item()
     assert diff <= atol or error < ratio, f"{name}: relative error {error:.2e} >= {ratio:.0e} (max abs diff {diff:.2e})"
+    assert diff <= atol + rtol * scale, (
+        f"{name}: max abs diff {diff:.2e} > {atol:.0e} + {rtol:.0e} * max|ref| ({scale:.2e}), "
+        f"relative error {error:.2e}"
+    )
 
 
 def features(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

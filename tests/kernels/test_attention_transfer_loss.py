@@ -1,4 +1,4 @@
-"""``triton.attention_transfer_loss`` against the materialising ``naive`` version, and the output MSE."""
+"""``triton.attention_transfer_loss`` against the materialising ``reference`` version, and the output MSE."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from kernel_testing import DEVICE, PRECISIONS, assert_close, case_id, features, grads, leaves, randn, tolerance
 
-from linearize.kernels import reference
-from linearize.kernels.triton import attention_output_mse, attention_transfer_loss, attention_transfer_loss_naive
+from linearize.kernels import dispatch, reference
+from linearize.kernels.reference import attention_transfer_loss_naive
+from linearize.kernels.triton import attention_output_mse, attention_transfer_loss
 
 # (B, T, H, d, F, window, sinks): plain linear attention (gamma = 1) and window + linear hybrids.
 CASES = [
@@ -51,6 +52,35 @@ def test_naive_loss_is_cross_entropy_of_teacher_and_quadratic_weights() -> None:
     student = linear / (linear.sum(-1, keepdim=True) + reference.EPS)
     expected = -(teacher * student.masked_fill(~causal, 1.0).log()).sum(-1).mean()
     assert_close("loss", expected, attention_transfer_loss_naive(q, k, fq, fk, scaling=0.5), 1e-6)
+
+
+# (T, window, sinks): plain linear attention and a hybrid, both over two query blocks (64).
+FLOOR_CASES = [(70, 0, 0), (70, 8, 2)]
+
+
+@pytest.mark.parametrize("case", FLOOR_CASES, ids=[case_id(T=T, w=w, s=s) for T, w, s in FLOOR_CASES])
+def test_underflowed_features_give_finite_loss_and_grads(case: tuple[int, int, int]) -> None:
+    """Key features that underflowed to exact zeros (peaky hedgehog maps in bf16) put A_ij = 0 under
+    the log: the floor keeps loss and gradients finite, and the kernel agrees with the reference."""
+    T, window, sinks = case
+    B, H, d, F = 1, 2, 16, 16
+    torch.manual_seed(0)
+    fk = features(B, H, T, F)
+    fk[:, 0, :3] = 0.0  # the first queries of head 0 see only zero features: every A_ij floored
+    fk[:, 1, 60:68] = 0.0  # a run across the block boundary
+    fk[:, :, 40] = 0.0
+    gamma = torch.rand(H, device=DEVICE) if window or sinks else torch.ones(H, device=DEVICE)
+    inputs = [randn(B, H, T, d), randn(B, H, T, d), features(B, H, T, F), fk, gamma]
+    options = dict(scaling=d**-0.5, window=window, sinks=sinks)
+    ref_in, tri_in = leaves(*inputs), leaves(*inputs)
+    ref = attention_transfer_loss_naive(*ref_in, **options)
+    tri = dispatch.attention_transfer_loss(*tri_in, backend="triton", **options)
+    assert torch.isfinite(ref) and torch.isfinite(tri)
+    ratio = tolerance(torch.float32)
+    assert_close("loss", ref, tri, ratio)
+    for name, r, t in zip(["dq", "dk", "dfq", "dfk", "dgamma"], grads(ref, ref_in), grads(tri, tri_in)):
+        assert torch.isfinite(r).all(), f"reference {name}: non-finite values"
+        assert_close(name, r, t, ratio)
 
 
 def test_attention_output_mse() -> None:

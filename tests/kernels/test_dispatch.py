@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from kernel_testing import CUDA, DEVICE, assert_close, case_id, features, grads, leaves, randn, tolerance
@@ -146,3 +150,23 @@ def test_errors_name_expected_and_actual() -> None:
     with pytest.raises(ValueError, match=r"state was built for window=2, sinks=0; got window=3, sinks=0"):
         dispatch.hybrid_attention_decode(q[:, :, token], k[:, :, token], v[:, :, token], fq[:, :, token],
                                          fk[:, :, token], gamma, ring, window=3, sinks=0, scaling=0.2)
+
+
+def test_importing_the_kernels_leaves_the_environment_alone() -> None:
+    """Importing changes no process-wide state: without CUDA and TRITON_INTERPRET the kernels are
+    simply not ready, and the environment stays as it was."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = ("import os, linearize.kernels.triton as kernels; "
+            "assert 'TRITON_INTERPRET' not in os.environ, 'import set TRITON_INTERPRET'; "
+            "assert not kernels.INTERPRETER_READY")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_triton_backend_without_cuda_or_interpreter_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from linearize.kernels import triton as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_READY", False)
+    with pytest.raises(UserError, match=r"no CUDA device.*set TRITON_INTERPRET=1 in the environment.*'reference'"):
+        dispatch.hybrid_attention(*_inputs(1, 5, 2), window=2, sinks=0, scaling=0.2, backend="triton")

@@ -5,19 +5,20 @@ of ``reference.hybrid_attention_quadratic``: A_ij = w_ij / Dn_i with w_ij = (1-g
 the softmax part (mu_i its maximum, a constant), w_ij = g a_ij, a_ij = fq_i.fk_j, on the linear part,
 and Dn_i = sum_j w_ij + eps. With window = sinks = 0 and g = 1 this is plain linear attention. Then
 
-    loss_i = -sum_j P_ij log A_ij = log Dn_i - sum_j P_ij log w_ij                 (sum_j P_ij = 1)
-    log w_ij = log(1-g) + s_ij - mu_i  (softmax part),   log g + log a_ij  (linear part)
+    loss_i = -sum_j P_ij L_ij,   L_ij = log max(A_ij, tiny)         (tiny = reference.WEIGHT_FLOOR)
 
-One pass over the key blocks of a query block gives Dn_i (an online maximum for mu_i) and, with the
-teacher's online maximum m_i, the sums of e^(s_ij - m_i) times 1, s_ij (softmax part) and log a_ij
-(linear part), from which sum_j P_ij log w_ij follows once mu_i is known. No [T, T] matrix is ever
-stored: memory is O(T). With c = upstream / number of queries, the gradients are
+The floor keeps the loss finite where feature products underflow to 0. As it needs the final Dn_i
+for every entry, the forward makes two passes over the key blocks of a query block: the first gives
+Dn_i (an online maximum for mu_i) and the teacher's log-sum-exp, the second sums P_ij L_ij. No [T, T]
+matrix is ever stored: memory is O(T). Like torch's clamp_min, an entry below the floor passes no
+gradient to A_ij; with M_ij = [A_ij >= tiny], Pm_i = sum_j P_ij M_ij (1 without floored entries) and
+c = upstream / number of queries, the gradients are
 
-    d s_ij = c (A_ij - P_ij) [softmax part]  - c P_ij (log w_ij - sum_j' P_ij' log w_ij')   -> q, k
-    d a_ij = c (g / Dn_i - P_ij / a_ij) [linear part]                                       -> fq, fk
-    d g    = c (sum_lin (A - P) / g - sum_soft (A - P) / (1-g)), per query                  -> gamma
+    d s_ij = c (Pm_i A_ij - P_ij M_ij) [softmax part]  - c P_ij (L_ij + loss_i)              -> q, k
+    d a_ij = c (Pm_i g / Dn_i - P_ij M_ij / a_ij) [linear part]                            -> fq, fk
+    d g    = c (Pm_i (sum_lin a - sum_soft e^(s - mu)) / Dn - sum_lin P M / g + sum_soft P M / (1-g))
 
-The naive materialising version is ``naive.attention_transfer_loss_naive``.
+per query, the last into gamma. The materialising version is ``reference.attention_transfer_loss_naive``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from linearize.kernels.reference import EPS
+from linearize.kernels.reference import EPS, WEIGHT_FLOOR
 from linearize.kernels.triton.hybrid import chunk_hybrid_attention
 from linearize.kernels.triton.utils import (
     CHUNK,
@@ -41,7 +42,7 @@ from linearize.kernels.triton.utils import (
     store_rows,
 )
 
-
+FLOOR = tl.constexpr(WEIGHT_FLOOR)
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
@@ -53,7 +54,7 @@ def _block_scores(b_q, b_fq, k, fk, i_bh, o_i, o_j, T, K, F, window, sinks, scal
                   BK: tl.constexpr, BF: tl.constexpr):
     """For query rows o_i (loaded blocks ``b_q``, ``b_fq``) and key rows o_j (pointers ``k``, ``fk``):
     the causal, softmax-part and linear-part masks, the scores s (NEG_BIG outside the causal mask) and
-    a (1 outside the linear part, so its log is 0) [BTq, BTk], and the key blocks."""
+    a (1 outside the linear part) [BTq, BTk], and the key blocks."""
     b_k = load_rows(k, i_bh, o_j, T, K, BK)
     b_fk = load_rows(fk, i_bh, o_j, T, F, BF)
     soft, lin = part_masks(o_i, o_j, T, window, sinks)
@@ -64,16 +65,25 @@ def _block_scores(b_q, b_fq, k, fk, i_bh, o_i, o_j, T, K, F, window, sinks, scal
 
 
 @triton.jit
+def _floored_weights(causal, soft, lin, b_s, b_a, g, b_mu, b_den):
+    """Student weights A [BTq, BTk] (0 outside the causal mask), the mask M of those at or above the
+    floor (where the log passes a gradient) and L = log max(A, floor), as the reference computes them."""
+    b_w = tl.where(soft, (1 - g) * tl.exp(b_s - b_mu[:, None]), tl.where(lin, g * b_a, 0.0))
+    b_A = b_w / b_den[:, None]
+    return b_A, causal & (b_A >= FLOOR), tl.log(tl.maximum(b_A, FLOOR))
+
+
+@triton.jit
 def _part_shares(g):
-    """1 - g and g as they enter logs and divisions, kept >= 1e-30: with g = 1 (plain linear
-    attention) the softmax part is empty and its terms must be 0, not 0 * log 0."""
+    """1 - g and g as they enter divisions, kept >= 1e-30: a part whose share is 0 has all its
+    weights floored, so its terms are 0 / 1e-30 = 0, not 0 / 0."""
     return tl.maximum(1 - g, 1e-30), tl.maximum(g, 1e-30)
 
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BF", "BT"])
 @triton.jit
 def _xent_fwd_kernel(
-    q, k, fq, fk, gamma, loss, lse, mu, den, plogw, dg, T, H, K, F, window, sinks, scaling, eps,
+    q, k, fq, fk, gamma, loss, lse, mu, den, pm, dg, T, H, K, F, window, sinks, scaling, eps,
     BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -82,55 +92,61 @@ def _xent_fwd_kernel(
     m_i = o_i < T
     b_q = load_rows(q, i_bh, o_i, T, K, BK)
     b_fq = load_rows(fq, i_bh, o_i, T, F, BF)
-    # Teacher: running max, total mass, softmax-part mass, linear-part mass, sum e^(s-m) s (softmax
-    # part) and sum e^(s-m) log a (linear part).
+    # Pass 1. Teacher: running max and mass. Student: running max of its softmax part, e^(s - mu)
+    # mass there, and the linear-part sum of a.
     b_m = tl.full([BT], NEG_BIG, dtype=tl.float32)
     b_l = tl.zeros([BT], dtype=tl.float32)
-    b_ls = tl.zeros([BT], dtype=tl.float32)
-    b_ll = tl.zeros([BT], dtype=tl.float32)
-    b_xs = tl.zeros([BT], dtype=tl.float32)
-    b_xl = tl.zeros([BT], dtype=tl.float32)
-    # Student: running max of its softmax part, e^(s - mu) mass there, and the linear-part sum of a.
     b_mu = tl.full([BT], NEG_BIG, dtype=tl.float32)
-    b_ds = tl.zeros([BT], dtype=tl.float32)
-    b_dl = tl.zeros([BT], dtype=tl.float32)
+    b_es = tl.zeros([BT], dtype=tl.float32)
+    b_al = tl.zeros([BT], dtype=tl.float32)
     for i_j in range(0, i_c + 1):
         o_j = i_j * BT + tl.arange(0, BT)
         causal, soft, lin, b_s, b_a, _, _ = _block_scores(b_q, b_fq, k, fk, i_bh, o_i, o_j, T, K, F, window,
                                                           sinks, scaling, BK, BF)
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_scale = tl.exp(b_m - b_m_new)
         b_p = tl.where(causal, tl.exp(b_s - b_m_new[:, None]), 0.0)
-        b_l = b_l * b_scale + tl.sum(b_p, axis=1)
-        b_ls = b_ls * b_scale + tl.sum(tl.where(soft, b_p, 0.0), axis=1)
-        b_ll = b_ll * b_scale + tl.sum(tl.where(lin, b_p, 0.0), axis=1)
-        b_xs = b_xs * b_scale + tl.sum(tl.where(soft, b_p * b_s, 0.0), axis=1)
-        b_xl = b_xl * b_scale + tl.sum(tl.where(lin, b_p * tl.log(b_a), 0.0), axis=1)
+        b_l = b_l * tl.exp(b_m - b_m_new) + tl.sum(b_p, axis=1)
         b_m = b_m_new
         b_s_soft = tl.where(soft, b_s, NEG_BIG)
         b_mu_new = tl.maximum(b_mu, tl.max(b_s_soft, axis=1))
         b_e = tl.where(soft, tl.exp(b_s_soft - b_mu_new[:, None]), 0.0)
-        b_ds = b_ds * tl.exp(b_mu - b_mu_new) + tl.sum(b_e, axis=1)
-        b_dl += tl.sum(tl.where(lin, b_a, 0.0), axis=1)
+        b_es = b_es * tl.exp(b_mu - b_mu_new) + tl.sum(b_e, axis=1)
+        b_al += tl.sum(tl.where(lin, b_a, 0.0), axis=1)
         b_mu = b_mu_new
 
     b_mu = tl.where(b_mu == NEG_BIG, 0.0, b_mu)
     b_l = tl.where(m_i, b_l, 1.0)  # rows past T saw no key; keep their (unstored) values finite
-    b_den = (1 - g) * b_ds + g * b_dl + eps
-    b_ps, b_pl = b_ls / b_l, b_ll / b_l  # teacher mass on the softmax and on the linear part
+    b_lse = b_m + tl.log(b_l)
+    b_den = (1 - g) * b_es + g * b_al + eps
+    # Pass 2, now that Dn is known: sum_j P L, and the teacher's mass on the softmax-part and on the
+    # linear-part weights that are not floored.
+    b_pl = tl.zeros([BT], dtype=tl.float32)
+    b_pms = tl.zeros([BT], dtype=tl.float32)
+    b_pml = tl.zeros([BT], dtype=tl.float32)
+    for i_j in range(0, i_c + 1):
+        o_j = i_j * BT + tl.arange(0, BT)
+        causal, soft, lin, b_s, b_a, _, _ = _block_scores(b_q, b_fq, k, fk, i_bh, o_i, o_j, T, K, F, window,
+                                                          sinks, scaling, BK, BF)
+        b_p = tl.where(causal, tl.exp(b_s - b_lse[:, None]), 0.0)
+        _, keep, b_log = _floored_weights(causal, soft, lin, b_s, b_a, g, b_mu, b_den)
+        b_pl += tl.sum(b_p * b_log, axis=1)
+        b_pk = tl.where(keep, b_p, 0.0)
+        b_pms += tl.sum(tl.where(soft, b_pk, 0.0), axis=1)
+        b_pml += tl.sum(tl.where(lin, b_pk, 0.0), axis=1)
+
+    b_pm = b_pms + b_pml
     g_soft, g_lin = _part_shares(g)
-    b_plogw = (b_xs / b_l) + b_ps * (tl.log(g_soft) - b_mu) + (b_xl / b_l) + b_pl * tl.log(g_lin)
-    b_dg = (b_dl / b_den - b_pl / g_lin) - (b_ds / b_den - b_ps / g_soft)
-    tl.store(loss + i_bh * T + o_i, tl.log(b_den) - b_plogw, mask=m_i)
-    tl.store(lse + i_bh * T + o_i, b_m + tl.log(b_l), mask=m_i)
+    b_dg = b_pm * (b_al - b_es) / b_den - b_pml / g_lin + b_pms / g_soft
+    tl.store(loss + i_bh * T + o_i, -b_pl, mask=m_i)
+    tl.store(lse + i_bh * T + o_i, b_lse, mask=m_i)
     tl.store(mu + i_bh * T + o_i, b_mu, mask=m_i)
     tl.store(den + i_bh * T + o_i, b_den, mask=m_i)
-    tl.store(plogw + i_bh * T + o_i, b_plogw, mask=m_i)
+    tl.store(pm + i_bh * T + o_i, b_pm, mask=m_i)
     tl.store(dg + i_bh * T + o_i, b_dg, mask=m_i)
 
 
 @triton.jit
-def _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, plogw, dloss, i_bh, o_i, o_j, T, H, K, F, window, sinks,
+def _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, pm, loss, dloss, i_bh, o_i, o_j, T, H, K, F, window, sinks,
                 scaling, BK: tl.constexpr, BF: tl.constexpr):
     """d loss / d s and d loss / d a [BTq, BTk] of query rows o_i and key rows o_j (module docstring),
     and the key blocks k [BTk, BK], fk [BTk, BF]."""
@@ -139,24 +155,25 @@ def _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, plogw, dloss, i_bh, o_i, 
     b_lse = tl.load(lse + i_bh * T + o_i, mask=m_i, other=0.0)
     b_mu = tl.load(mu + i_bh * T + o_i, mask=m_i, other=0.0)
     b_den = tl.load(den + i_bh * T + o_i, mask=m_i, other=1.0)
-    b_plogw = tl.load(plogw + i_bh * T + o_i, mask=m_i, other=0.0)
+    b_pm = tl.load(pm + i_bh * T + o_i, mask=m_i, other=0.0)
+    b_loss = tl.load(loss + i_bh * T + o_i, mask=m_i, other=0.0)
     b_c = tl.load(dloss + i_bh * T + o_i, mask=m_i, other=0.0)
     causal, soft, lin, b_s, b_a, b_k, b_fk = _block_scores(b_q, b_fq, k, fk, i_bh, o_i, o_j, T, K, F, window,
                                                            sinks, scaling, BK, BF)
     b_p = tl.where(causal, tl.exp(b_s - b_lse[:, None]), 0.0)
-    b_w = tl.where(soft, (1 - g) * tl.exp(b_s - b_mu[:, None]), 0.0)
-    g_soft, g_lin = _part_shares(g)
-    b_logw = tl.where(soft, tl.log(g_soft) + b_s - b_mu[:, None], tl.where(lin, tl.log(g_lin) + tl.log(b_a), 0.0))
-    b_ds = b_c[:, None] * (tl.where(soft, b_w / b_den[:, None] - b_p, 0.0)
-                           - tl.where(causal, b_p * (b_logw - b_plogw[:, None]), 0.0))
-    b_da = tl.where(lin, b_c[:, None] * (g / b_den[:, None] - b_p / b_a), 0.0)
+    b_A, keep, b_log = _floored_weights(causal, soft, lin, b_s, b_a, g, b_mu, b_den)
+    b_pk = tl.where(keep, b_p, 0.0)
+    # Teacher part: -P (L - sum_j P L) with sum_j P L = -loss; student part only through kept weights.
+    b_ds = b_c[:, None] * (tl.where(soft, b_pm[:, None] * b_A - b_pk, 0.0) - b_p * (b_log + b_loss[:, None]))
+    # a is 0 exactly where a linear weight underflowed; those are not kept, so divide by 1 there.
+    b_da = tl.where(lin, b_c[:, None] * (b_pm[:, None] * g / b_den[:, None] - b_pk / tl.where(keep, b_a, 1.0)), 0.0)
     return b_ds, b_da, b_k, b_fk
 
 
 @triton.autotune(configs=launch_configs(), key=["BK", "BF", "BT"])
 @triton.jit
 def _xent_bwd_dq_kernel(
-    q, k, fq, fk, gamma, lse, mu, den, plogw, dloss, dq, dfq, T, H, K, F, window, sinks, scaling,
+    q, k, fq, fk, gamma, lse, mu, den, pm, loss, dloss, dq, dfq, T, H, K, F, window, sinks, scaling,
     BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -167,7 +184,7 @@ def _xent_bwd_dq_kernel(
     b_dfq = tl.zeros([BT, BF], dtype=tl.float32)
     for i_j in range(0, i_c + 1):
         o_j = i_j * BT + tl.arange(0, BT)
-        b_ds, b_da, b_k, b_fk = _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, plogw, dloss, i_bh, o_i, o_j,
+        b_ds, b_da, b_k, b_fk = _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, pm, loss, dloss, i_bh, o_i, o_j,
                                             T, H, K, F, window, sinks, scaling, BK, BF)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
         b_dfq += tl.dot(b_da.to(b_fk.dtype), b_fk)
@@ -178,7 +195,7 @@ def _xent_bwd_dq_kernel(
 @triton.autotune(configs=launch_configs(), key=["BK", "BF", "BT"])
 @triton.jit
 def _xent_bwd_dk_kernel(
-    q, k, fq, fk, gamma, lse, mu, den, plogw, dloss, dk, dfk, T, H, K, F, NT, window, sinks, scaling,
+    q, k, fq, fk, gamma, lse, mu, den, pm, loss, dloss, dk, dfk, T, H, K, F, NT, window, sinks, scaling,
     BT: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -189,7 +206,7 @@ def _xent_bwd_dk_kernel(
         o_i = i_q * BT + tl.arange(0, BT)
         b_q = load_rows(q, i_bh, o_i, T, K, BK)
         b_fq = load_rows(fq, i_bh, o_i, T, F, BF)
-        b_ds, b_da, _, _ = _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, plogw, dloss, i_bh, o_i, o_j,
+        b_ds, b_da, _, _ = _pair_grads(b_q, b_fq, k, fk, gamma, lse, mu, den, pm, loss, dloss, i_bh, o_i, o_j,
                                        T, H, K, F, window, sinks, scaling, BK, BF)
         b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q)
         b_dfk += tl.dot(tl.trans(b_da).to(b_fq.dtype), b_fq)
@@ -210,15 +227,15 @@ def _xent_fwd(
     q: torch.Tensor, k: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     window: int, sinks: int, scaling: float, eps: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-query losses [B, H, T], what the backward needs (lse, mu, Dn, sum_j P log w) and the
+    """Per-query losses [B, H, T], what the backward needs (lse, mu, Dn, Pm and the losses) and the
     per-query d loss_i / d gamma (all fp32, [B, H, T])."""
     batch, heads, length, head_dim = q.shape
-    loss, lse, mu, den, plogw, dg = (q.new_empty(batch, heads, length, dtype=torch.float32) for _ in range(6))
+    loss, lse, mu, den, pm, dg = (q.new_empty(batch, heads, length, dtype=torch.float32) for _ in range(6))
     _xent_fwd_kernel[(triton.cdiv(length, CHUNK), batch * heads)](
-        q, k, fq, fk, gamma, loss, lse, mu, den, plogw, dg, length, heads, head_dim, fq.shape[-1], window, sinks,
+        q, k, fq, fk, gamma, loss, lse, mu, den, pm, dg, length, heads, head_dim, fq.shape[-1], window, sinks,
         scaling, eps, **_blocks(q, fq),
     )
-    return loss, (lse, mu, den, plogw), dg
+    return loss, (lse, mu, den, pm, loss), dg
 
 
 def _xent_bwd(
@@ -284,7 +301,8 @@ def attention_transfer_loss(
         eps: added to the student's normaliser.
     Returns:
         scalar fp32 -sum_{j<=i} P_ij log A_ij averaged over the B * H * T queries, A the weights of
-        ``hybrid_attention_quadratic`` (see ``naive.attention_transfer_loss_naive``). Gradients flow
+        ``hybrid_attention_quadratic`` floored at ``reference.WEIGHT_FLOOR`` (see
+        ``reference.attention_transfer_loss_naive``). Gradients flow
         into q, k, fq, fk and gamma. No padding: every token is a real one.
 
     Example:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from linearize.convert.command import int_list
+from linearize.cli.arguments import int_list
 
 
 def register(bench_kinds) -> None:

@@ -8,40 +8,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from linearize.convert.command import int_list
+from linearize.cli.arguments import float_list, int_list, limit_spec
 from linearize.errors import UserError
 from linearize.eval.decode_bench import DEFAULT_LENGTHS
 from linearize.eval.recall import RecallSettings
 from linearize.eval.tasks import GROUP
 
 DEFAULT_OUT = Path("runs/eval")
-
-
-def limit_spec(text: str) -> tuple[int | None, dict[str, int]]:
-    """argparse type for ``--limit``: ``N``, ``task=N`` or both, comma-separated (``200,linearize_wikitext=4``)."""
-    default, per_task = None, {}
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            task, _, count = part.rpartition("=")
-            value = int(count)
-            if value < 1:
-                raise ValueError
-            if task:
-                per_task[task] = value
-            else:
-                default = value
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive count and/or task=count pairs like 200,linearize_wikitext=4, got {text!r}"
-        ) from None
-    return default, per_task
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1, got {text!r}") from None
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +40,11 @@ def register(subparsers) -> None:
     parser.add_argument("--perplexity-chunks", type=int, default=0, help="512-token WikiText-2 chunks for chunked perplexity")
     parser.add_argument("--recall", action="store_true", help="also measure MQAR and passkey recall curves")
     parser.add_argument("--jrt", action="store_true", help="with --recall: also score with JRT-Prompt (context twice)")
+    parser.add_argument(
+        "--jrt-prefix", action="store_true",
+        help="with --recall: a JRT-RNN student reads each test's context (everything before the first answer "
+        "token) as its non-causal prefix, as generate() reads a prompt; default: causal scoring",
+    )
     parser.add_argument("--mqar-lengths", type=int_list, default=RecallSettings.mqar_lengths)
     parser.add_argument("--mqar-kv-pairs", type=int, default=RecallSettings.mqar_kv_pairs)
     parser.add_argument("--mqar-examples", type=int, default=RecallSettings.mqar_examples)
@@ -163,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     recall_settings = RecallSettings(
         mqar_lengths=tuple(args.mqar_lengths), mqar_kv_pairs=args.mqar_kv_pairs, mqar_examples=args.mqar_examples,
         mqar_vocabulary=args.mqar_vocabulary, passkey_lengths=tuple(args.passkey_lengths),
-        passkey_depths=tuple(args.passkey_depths), jrt=args.jrt, seed=args.seed,
+        passkey_depths=tuple(args.passkey_depths), jrt=args.jrt, jrt_prefix=args.jrt_prefix, seed=args.seed,
     )
     if args.recall:
         recall_settings.validate()

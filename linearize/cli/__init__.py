@@ -1,10 +1,14 @@
-"""The ``linearize`` command line; each stage's module registers its own subcommand.
+"""The ``linearize`` command line; one module of this package per subcommand.
 
     linearize convert MODEL --attention NAME --out DIR   convert, export, reload-check, generate
     linearize run RECIPE [key.sub=value ...]            the whole pipeline from a YAML recipe
     linearize eval EXPORT [--teacher REF] --tasks T     lm-eval tasks, perplexity, recall; report.md
     linearize bench kernels --out DIR                   kernel speed vs softmax attention
     linearize bench decode MODEL [--teacher REF]        prefill/decode speed, memory, cache size
+
+Modules: ``convert``, ``run``, ``eval`` (``eval`` and ``bench decode``), ``bench`` (``bench kernels``)
+and ``arguments`` (argparse types they share). These modules import the library; no library module
+imports them.
 
 A user mistake prints one ``error:`` line naming the problem and the fix and exits with status 2;
 it never prints a traceback.
@@ -15,11 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from linearize import pipeline
-from linearize.convert import command as convert_command
+from linearize.cli import bench as bench_command
+from linearize.cli import convert as convert_command
+from linearize.cli import eval as eval_command
+from linearize.cli import run as run_command
 from linearize.errors import UserError
-from linearize.eval import command as eval_command
-from linearize.kernels import command as kernels_command
 
 USER_ERROR_EXIT = 2
 
@@ -29,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     convert_command.register(commands)
     eval_command.register(commands)
-    pipeline.register(commands)
+    run_command.register(commands)
     bench = commands.add_parser("bench", help="speed and memory benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
-    kernels_command.register(bench_kinds)
+    bench_command.register(bench_kinds)
     eval_command.register_bench(bench_kinds)
     return parser
 
@@ -48,6 +52,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: stages checkpoint as they go; run the same command again to resume", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import torch
 
+from linearize.cli.arguments import int_list
 from linearize.convert.presets import ATTENTION_PRESETS, attention_options
 from linearize.errors import UserError
-
-
-def int_list(text: str) -> list[int]:
-    """argparse type for comma-separated integers such as ``0,5,11``."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,5,11, got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -47,19 +40,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy answer to ``prompt``, through the chat template when the tokenizer has one."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def run(args: argparse.Namespace) -> int:
     # Imported here so `linearize --help` stays fast.
     from transformers import AutoModelForCausalLM
@@ -67,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import linearize
     from linearize.corpora import read_corpus
     from linearize.eval import chunk_tokens, perplexity
+    from linearize.generation import generate_answer
 
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists. Fix: choose another --out, or pass --overwrite")
