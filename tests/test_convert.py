@@ -140,3 +140,12 @@ def test_bad_options_name_the_field(attention, options, message):
 def test_softmax_layer_out_of_range_is_rejected():
     with pytest.raises(ValueError, match=r"softmax_layers \[7\] are out of range: the model has layers 0..2"):
         linearize.convert(TEACHERS["llama"](), attention="hedgehog", softmax_layers=[7])
+
+
+def test_a_stored_jrt_prefix_is_dropped_loudly():
+    """Older exports stored a default JRT prefix that made plain scoring non-causal."""
+    from linearize.hf.configuration_linearized import LinearAttentionOptions
+
+    with pytest.warns(UserWarning, match="plain forward calls score causally"):
+        options = LinearAttentionOptions.from_dict({"feature_map": "hedgehog", "jrt": True, "jrt_prefix_length": 128})
+    assert options.jrt and "jrt_prefix_length" not in options.to_dict()

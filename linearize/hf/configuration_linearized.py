@@ -7,6 +7,7 @@ it. The config classes only give each family its own ``model_type`` so exports l
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
@@ -72,10 +73,12 @@ class LinearAttentionOptions:
     def from_dict(cls, options: dict) -> LinearAttentionOptions:
         known = {f.name for f in fields(cls)}
         if "jrt_prefix_length" in options:
-            raise ValueError(
-                "linear attention option 'jrt_prefix_length' is no longer part of a model's config: a stored "
-                "prefix made every plain forward call read tokens non-causally. Pass jrt_prefix_length=M to a "
-                "forward call instead (training recipes: attention_transfer.jrt_prefix_length)"
+            # Older exports stored a default prefix, which made every plain forward call read its
+            # first tokens non-causally. It is dropped, loudly: scoring is causal from now on.
+            options = {key: value for key, value in options.items() if key != "jrt_prefix_length"}
+            warnings.warn(
+                "ignoring the stored linear attention option 'jrt_prefix_length': plain forward calls score "
+                "causally; pass jrt_prefix_length=M to a forward call to read a JRT prefix", stacklevel=2,
             )
         unknown = sorted(set(options) - known)
         if unknown:
