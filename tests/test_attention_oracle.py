@@ -17,14 +17,17 @@ import math
 import pytest
 import torch
 
-from linearize.errors import UserError
 from linearize.hf.feature_maps import HedgehogFeatureMap
 from linearize.kernels import dispatch
 from linearize.kernels.reference import (
+    AttentionSpec,
     RecurrentState,
+    build_state,
     hybrid_attention_chunked,
+    hybrid_attention_continue,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
+    token_positions,
 )
 
 EPS = 1e-6
@@ -173,21 +176,43 @@ def make_inputs(length, *, seed=0, heads=HEADS, d=HEAD_DIM, D=VALUE_DIM, F=FEATU
 
 
 def run_form(form, q, k, v, fq, fk, gamma, *, window, sinks, scaling, valid, initial_state, eps=EPS):
-    """The implementation's output [B, H, T, D] for one form of the math."""
-    options = dict(window=window, sinks=sinks, scaling=scaling, valid=valid, eps=eps)
+    """The implementation's output [B, H, T, D] for one form of the math.
+
+    ``continueN`` starts from an empty state (plus the initial state) and continues in chunks of N.
+    """
+    spec = AttentionSpec(window=window, sinks=sinks, scaling=scaling, eps=eps)
     if form == "quadratic":
-        out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, initial_state=initial_state, **options)
+        out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state)
         return out
-    state = None
-    if initial_state is not None:
-        state = RecurrentState.empty(q, v, fq).with_prefix(*initial_state)
     if form == "recurrent":
-        out, _ = hybrid_attention_recurrent(q, k, v, fq, fk, gamma, state, **options)
+        out, _ = hybrid_attention_recurrent(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state)
+        return out
+    if form.startswith("continue"):
+        batch, heads, _, head_dim = q.shape
+        state = RecurrentState.empty(batch, heads, heads, head_dim, v.shape[-1], fq.shape[-1], spec)
+        if initial_state is not None:
+            state = state.with_prefix(*initial_state)
+        ring_features = torch.zeros(batch, heads, spec.capacity, fq.shape[-1])
+        out, _ = hybrid_attention_continue(q, k, v, fq, fk, gamma, state, ring_features, spec, valid=valid,
+                                           chunk_size=int(form[len("continue"):]))
         return out
     assert form.startswith("chunked")
     chunk = int(form[len("chunked"):])
-    out, _ = hybrid_attention_chunked(q, k, v, fq, fk, gamma, state, chunk_size=chunk, **options)
-    return out
+    return hybrid_attention_chunked(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state,
+                                    chunk_size=chunk)
+
+
+def ring_features_of(state, fk, valid):
+    """phi of the state's ring keys [B, H, C, F], looked up in ``fk`` [B, H, T, F] by position."""
+    positions = token_positions(valid).masked_fill(~valid, -2)
+    rows = []
+    for b in range(fk.shape[0]):
+        slots = []
+        for p in state.positions[b].tolist():
+            match = (positions[b] == p).nonzero()
+            slots.append(fk[b, :, int(match[0])] if p >= 0 else torch.zeros(fk.shape[1], fk.shape[-1]))
+        rows.append(torch.stack(slots, dim=1) if slots else fk.new_zeros(fk.shape[1], 0, fk.shape[-1]))
+    return torch.stack(rows)
 
 
 def real_rows(x, valid):
@@ -224,7 +249,7 @@ def double(x):
 # 2. Values: every form against the oracle
 # --------------------------------------------------------------------------------------------------
 
-FORMS = ["quadratic", "chunked1", "chunked4", "chunked64", "recurrent"]
+FORMS = ["quadratic", "chunked1", "chunked4", "chunked64", "continue1", "continue4", "recurrent"]
 _ORACLE_CACHE: dict = {}
 
 
@@ -290,13 +315,14 @@ def test_state_continuation_matches_brute_force(window_sinks, split, form):
     length = 19
     x, valid, gamma, state, expected = _oracle_output(length, window, sinks, True, True)
     chunk = int(form[len("chunked"):])
-    options = dict(window=window, sinks=sinks, scaling=HEAD_DIM**-0.5, chunk_size=chunk)
+    spec = AttentionSpec(window=window, sinks=sinks, scaling=HEAD_DIM**-0.5)
     names = ["q", "k", "v", "fq", "fk"]
     first = [x[n][:, :, :split] for n in names]
     second = [x[n][:, :, split:] for n in names]
-    start = RecurrentState.empty(x["q"], x["v"], x["fq"]).with_prefix(*state)
-    out1, middle = hybrid_attention_chunked(*first, gamma, start, valid=valid[:, :split], **options)
-    out2, _ = hybrid_attention_chunked(*second, gamma, middle, valid=valid[:, split:], **options)
+    out1 = hybrid_attention_chunked(*first, gamma, spec, valid=valid[:, :split], initial_state=state, chunk_size=chunk)
+    middle = build_state(first[1], first[2], first[4], spec, valid=valid[:, :split], initial_state=state)
+    ring = ring_features_of(middle, first[4], valid[:, :split])
+    out2, _ = hybrid_attention_continue(*second, gamma, middle, ring, spec, valid=valid[:, split:], chunk_size=chunk)
     assert_matches(form, expected, torch.cat([out1, out2], dim=2), valid)
 
 
@@ -461,7 +487,9 @@ TRITON_CASES = [
     (19, 0, 3, True, False),
     (19, 30, 1, False, False),
     (19, 4, 2, False, True),
+    (19, 0, 3, True, True),
 ]
+TRITON_SCALING = 0.25
 
 
 def _triton_id(case):
@@ -470,70 +498,72 @@ def _triton_id(case):
 
 
 def _triton_inputs(case):
+    """Inputs, valid (None unless padded), gamma and the initial state (s0, z0) or None."""
     length, window, sinks, with_state, padded = case
     x = make_inputs(length, seed=21 + length, heads=2, d=16, D=16, F=16)
     valid = x["valid"] if padded else None
     gamma = torch.sigmoid(x["logits"])
-    state = RecurrentState.empty(x["q"], x["v"], x["fq"]).with_prefix(x["s0"], x["z0"]) if with_state else None
+    state = (x["s0"], x["z0"]) if with_state else None
     return x, valid, gamma, state
 
 
-def _call_triton(x, gamma, state, window, sinks, valid, **inputs):
-    tensors = [inputs.get(n, x[n]) for n in INPUT_NAMES]
-    try:
-        return dispatch.hybrid_attention(*tensors, gamma, state, window=window, sinks=sinks, scaling=0.25,
-                                         valid=valid, backend="triton")
-    except UserError as error:
-        pytest.skip(f"backend='triton' refuses this case: {error}")
+def _call_triton(x, gamma, state, window, sinks, valid):
+    spec = AttentionSpec(window=window, sinks=sinks, scaling=TRITON_SCALING)
+    return dispatch.hybrid_attention(*(x[n] for n in INPUT_NAMES), gamma, spec, valid=valid, initial_state=state,
+                                     backend="triton")
+
+
+def _oracle(x, gamma, state, window, sinks, valid):
+    return brute_force_hybrid(*(double(x[n]) for n in INPUT_NAMES), gamma.double(), window, sinks, TRITON_SCALING,
+                              valid, None if state is None else tuple(double(t) for t in state), EPS)
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_triton_id)
 def test_triton_matches_brute_force(case):
-    length, window, sinks, with_state, padded = case
+    _, window, sinks, _, _ = case
     x, valid, gamma, state = _triton_inputs(case)
-    expected = brute_force_hybrid(
-        *(double(x[n]) for n in INPUT_NAMES), gamma.double(), window, sinks, 0.25, valid,
-        (double(x["s0"]), double(x["z0"])) if with_state else None, EPS,
-    )
-    out, new_state = _call_triton(x, gamma, state, window, sinks, valid)
-    assert_matches("triton", expected, out, valid)
+    expected = _oracle(x, gamma, state, window, sinks, valid)
+    assert_matches("triton", expected, _call_triton(x, gamma, state, window, sinks, valid), valid)
 
 
-@pytest.mark.parametrize("case", [TRITON_CASES[0], TRITON_CASES[3], TRITON_CASES[4]], ids=_triton_id)
+@pytest.mark.parametrize("case", [TRITON_CASES[i] for i in (0, 3, 4, 6)], ids=_triton_id)
 def test_triton_state_continues_like_brute_force(case):
-    """The state the kernel returns, continued by the reference, gives the oracle's longer sequence."""
-    length, window, sinks, with_state, _ = case
+    """The kernel's output over T tokens, then ``build_state`` of them continued by the reference
+    (``hybrid_attention_continue``, ring features looked up by position), gives the oracle's longer
+    sequence."""
+    length, window, sinks, _, _ = case
     x, valid, gamma, state = _triton_inputs(case)
+    first_valid = torch.ones(2, length, dtype=torch.bool) if valid is None else valid
     extra = make_inputs(5, seed=99, heads=2, d=16, D=16, F=16)
     full = {n: torch.cat([x[n], extra[n]], dim=2) for n in INPUT_NAMES}
-    expected = brute_force_hybrid(
-        *(double(full[n]) for n in INPUT_NAMES), gamma.double(), window, sinks, 0.25, None,
-        (double(x["s0"]), double(x["z0"])) if with_state else None, EPS,
-    )
-    out1, middle = _call_triton(x, gamma, state, window, sinks, None)
-    out2, _ = hybrid_attention_chunked(*(extra[n] for n in INPUT_NAMES), gamma, middle, window=window,
-                                       sinks=sinks, scaling=0.25, chunk_size=2)
-    assert_matches("triton + continuation", expected, torch.cat([out1, out2], dim=2), None)
+    full_valid = torch.cat([first_valid, torch.ones(2, 5, dtype=torch.bool)], dim=1)
+    expected = _oracle(full, gamma, state, window, sinks, full_valid)
+    spec = AttentionSpec(window=window, sinks=sinks, scaling=TRITON_SCALING)
+    out1 = _call_triton(x, gamma, state, window, sinks, valid)
+    middle = build_state(x["k"], x["v"], x["fk"], spec, valid=first_valid, initial_state=state)
+    ring = ring_features_of(middle, x["fk"], first_valid)
+    out2, _ = hybrid_attention_continue(*(extra[n] for n in INPUT_NAMES), gamma, middle, ring, spec, chunk_size=2)
+    assert_matches("triton + continuation", expected, torch.cat([out1, out2], dim=2), full_valid)
 
 
-@pytest.mark.parametrize("case", [TRITON_CASES[0], TRITON_CASES[2]], ids=_triton_id)
+@pytest.mark.parametrize("case", [TRITON_CASES[i] for i in (0, 2, 7)], ids=_triton_id)
 def test_triton_gradients_match_brute_force(case):
     length, window, sinks, with_state, _ = case
-    x, _, _, _ = _triton_inputs(case)
+    x, valid, _, _ = _triton_inputs(case)
     upstream = torch.randn(2, 2, length, 16, generator=torch.Generator().manual_seed(4))
     names = GRAD_NAMES if with_state else GRAD_NAMES[:6]
 
     def oracle(t):
         state = (t["s0"], t["z0"]) if with_state else None
-        return brute_force_hybrid(*(t[n] for n in INPUT_NAMES), torch.sigmoid(t["logits"]), window, sinks, 0.25,
-                                  None, state, EPS)
+        return brute_force_hybrid(*(t[n] for n in INPUT_NAMES), torch.sigmoid(t["logits"]), window, sinks,
+                                  TRITON_SCALING, valid, state, EPS)
 
     def kernel(t):
-        state = RecurrentState.empty(t["q"], t["v"], t["fq"]).with_prefix(t["s0"], t["z0"]) if with_state else None
-        return _call_triton(t, torch.sigmoid(t["logits"]), state, window, sinks, None)[0]
+        state = (t["s0"], t["z0"]) if with_state else None
+        return _call_triton(t, torch.sigmoid(t["logits"]), state, window, sinks, valid)
 
-    expected = _grads(oracle, x, None, upstream, names, torch.float64)
-    actual = _grads(kernel, x, None, upstream, names, torch.float32)
+    expected = _grads(oracle, x, valid, upstream, names, torch.float64)
+    actual = _grads(kernel, x, valid, upstream, names, torch.float32)
     for name in names:
         error = (expected[name] - actual[name].double()).abs().max().item()
         assert error <= ATOL, f"d{name} (triton): max abs error {error:.3e} > {ATOL:.0e}"

@@ -98,8 +98,11 @@ def test_cache_size_does_not_grow_with_context(family, attention):
         linear = [layer for i, layer in enumerate(cache.layers) if i != 0]
         sizes[length] = (sum(layer.num_bytes() for layer in linear), cache.layers[0].keys.shape[2])
         if attention.startswith("window"):
-            kept = SMALL_WINDOW["window"] - 1 + SMALL_WINDOW["sink_tokens"]
-            assert all(layer.state.keys.shape[2] == kept for layer in linear)
+            # a ring of sinks + window keys, stored once per KV head (GQA repeats at use)
+            kept = SMALL_WINDOW["window"] + SMALL_WINDOW["sink_tokens"]
+            kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+            assert all(layer.state.keys.shape[1:3] == (kv_heads, kept) for layer in linear)
+            assert all(bool((layer.state.positions >= 0).all()) for layer in linear), "ring not full"
     assert sizes[20][0] == sizes[80][0], "linear layers' state grew with the context"
     assert (sizes[20][1], sizes[80][1]) == (20, 80), "the softmax layer keeps every key"
 
@@ -119,3 +122,83 @@ def test_cache_cannot_be_cropped():
         model(torch.randint(3, VOCAB, (1, 5)), cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="cannot be rolled back"):
         cache.crop(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill once, fork many
+# --------------------------------------------------------------------------------------------------
+
+
+def _left_padded_prompts():
+    torch.manual_seed(8)
+    prompt = torch.randint(3, VOCAB, (2, PROMPT))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    return prompt.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("attention", ["window_hedgehog", "jrt"])
+def test_forked_sampling_gives_the_same_tokens(family, attention):
+    """num_return_sequences prefills each prompt once; the same seed samples the very same tokens."""
+    model = converted(family, attention, softmax_layers=[1])
+    prompt, mask = _left_padded_prompts()
+
+    def sample(fork: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=mask, do_sample=True, num_return_sequences=3,
+                                  max_new_tokens=NEW, pad_token_id=0, fork_prompts=fork)
+
+    forked, plain = sample(True), sample(False)
+    assert forked.shape == (6, PROMPT + NEW)
+    assert torch.equal(forked, plain)
+    assert not torch.equal(forked[0], forked[1]), "the samples of one prompt should differ (vacuous test)"
+
+
+def test_fork_prefills_each_distinct_prompt_once(family):
+    model = converted(family, "window_hedgehog", softmax_layers=[1])
+    prompt, mask = _left_padded_prompts()
+    rows = []
+    embeddings = model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda module, args, out: rows.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=mask, do_sample=True, num_return_sequences=4, max_new_tokens=3,
+                           pad_token_id=0)
+    finally:
+        handle.remove()
+    assert rows[0] == (2, PROMPT), f"the prefill ran on {rows[0]}, not once per distinct prompt"
+    assert rows[1:] == [(8, 1), (8, 1)]
+
+
+def test_forked_forward_logits_and_cache_equal_unforked(family):
+    model = converted(family, "window_hedgehog", softmax_layers=[1])
+    prompt, mask = _left_padded_prompts()
+    repeated, repeated_mask = prompt.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0)
+    results = {}
+    for fork in (True, False):
+        cache = model.new_cache()
+        with torch.no_grad():
+            first = model(repeated, attention_mask=repeated_mask, cache=cache, use_cache=True, fork_prompts=fork)
+            step_mask = torch.cat([repeated_mask, torch.ones(6, 1, dtype=mask.dtype)], dim=1)
+            second = model(first.logits[:, -1:].argmax(-1), attention_mask=step_mask, cache=cache, use_cache=True)
+        results[fork] = (first.logits, second.logits, cache.num_bytes())
+    for name, forked, plain in zip(("prefill logits", "step logits", "cache bytes"), results[True], results[False]):
+        if torch.is_tensor(forked):
+            assert_close(name, plain, forked, atol=1e-5, rtol=0)
+        else:
+            assert forked == plain, name
+
+
+def test_shared_prefix_state_continues_every_prompt(family):
+    """Prompts sharing a prefix: prefill it once, copy its state, continue each row with its suffix."""
+    model = converted(family, "window_hedgehog", softmax_layers=[1])
+    torch.manual_seed(4)
+    prefix, suffixes = torch.randint(3, VOCAB, (1, 11)), torch.randint(3, VOCAB, (3, 5))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(prefix, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(3)
+        continued = model(suffixes, cache=cache, use_cache=True).logits
+    full = full_forward_logits(model, torch.cat([prefix.expand(3, -1), suffixes], dim=1))
+    assert_close("suffix logits", full[:, 11:], continued, atol=1e-4, rtol=0)

@@ -45,5 +45,5 @@ def transfer_losses(
             losses["xent"] = dispatch.attention_transfer_loss(q, k, fq, fk, gamma, **common)
         return losses, teacher_out
     # mse alone on the CPU: the teacher's output comes from SDPA, only the student's weights materialise.
-    student_out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, initial_state=initial_state, **common)
+    student_out, _ = hybrid_attention_quadratic(q, k, v, fq, fk, gamma, core.spec, initial_state=initial_state)
     return {"mse": (student_out - teacher_out).pow(2).mean()}, teacher_out

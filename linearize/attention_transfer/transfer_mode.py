@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from linearize.attention_transfer.losses import transfer_losses
-from linearize.kernels.reference import softmax_attention
+from linearize.kernels.reference import expand_kv_heads, softmax_attention
 from linearize.hf.modeling_linearized import LinearAttentionCore, jrt_prefix_positions
 
 
@@ -30,10 +30,14 @@ class LayerTransfer:
         self.need_xent = need_xent
         self.losses: dict[str, torch.Tensor] = {}
 
-    def __call__(self, q, k, v, *, valid, cache_layer, encoder_kv=None, prefix_length=0):
+    def __call__(self, q, k, v, *, valid, cache_layer, encoder_kv=None, prefix_length=0, plan=None):
         if cache_layer is not None:
             raise ValueError("transfer mode runs without a cache: call the model with use_cache=False")
         core = self.core
+        groups = q.shape[1] // k.shape[1]  # the core gets keys and values per KV head
+        k, v = expand_kv_heads(k, groups), expand_kv_heads(v, groups)
+        if valid is None:  # the model found no padding in this call
+            valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
         if not self.with_losses:
             return softmax_attention(q, k, v, core.scaling, valid, sliding_window=core.teacher_window)[1].to(q.dtype)
         initial = core.encoder_prefix_state(valid, encoder_kv, prefix_length)

@@ -20,7 +20,7 @@ DEFAULT_OUT = Path("runs/eval")
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 avoids stalls on a busy shared CPU")
+                        help="CPU threads for torch (default: torch's choice, as a user gets it)")
 
 
 def register(subparsers) -> None:
@@ -72,6 +72,14 @@ def register_bench(bench_kinds) -> None:
     parser.add_argument("--lengths", type=int_list, default=list(DEFAULT_LENGTHS),
                         help=f"context lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prefill")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1],
+                        help="decode batch sizes; those above 1 run at --batch-lengths (default 1)")
+    parser.add_argument("--batch-lengths", type=int_list, default=None,
+                        help="context lengths of the batched cases (default: the shortest --lengths)")
+    parser.add_argument("--fork-samples", type=int, default=0,
+                        help="also time generate(num_return_sequences=N, do_sample=True) from one prompt (0: skip)")
+    parser.add_argument("--fork-prompt", type=int, default=1024, help="prompt tokens of the fork case")
+    parser.add_argument("--fork-tokens", type=int, default=32, help="new tokens per sample in the fork case")
     _add_runtime_options(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
     parser.set_defaults(func=run_bench)
@@ -180,10 +188,15 @@ def run_bench(args: argparse.Namespace) -> int:
     roles = _roles(args)
     device = _runtime(args)
     models = {role: _load(reference, device) for role, reference in roles.items()}
-    decode = run_decode_benchmark(models, args.lengths, args.decode_tokens)
+    decode = run_decode_benchmark(
+        models, args.lengths, args.decode_tokens, batch_sizes=args.batch_sizes, batch_lengths=args.batch_lengths,
+        fork_samples=args.fork_samples, fork_prompt=args.fork_prompt, fork_tokens=args.fork_tokens,
+    )
     decode["models"] = roles
     report.write_json(args.out / report.DECODE_FILE, decode)
     table = tables.decode_table(decode["measurements"])
+    if decode["fork"]:
+        table += "\n\n" + tables.fork_table(decode["fork"])
     report.write_text_atomic(args.out / "decode.md", f"# Decode benchmark\n\n{table}\n\nSettings: "
                              f"`{json.dumps(decode['settings'])}`\n")
     path = report.write_report(args.out)

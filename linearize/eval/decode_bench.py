@@ -1,7 +1,8 @@
 """Prefill time, decode speed, peak memory and cache size of a model at growing context lengths.
 
-For each context length L the model prefills L tokens of WikiText-2 into a fresh cache, then
-greedily decodes ``decode_tokens`` more, one token per forward. Measured per (model, L):
+For each context length L and batch size B the model prefills B distinct rows of L tokens of
+WikiText-2 into a fresh cache, then greedily decodes ``decode_tokens`` more, one token per forward.
+Measured per (model, L, B):
 
 * prefill seconds (one forward over L tokens, filling the cache);
 * decode tokens/s (the mean over the decode steps, context L and growing);
@@ -10,6 +11,11 @@ greedily decodes ``decode_tokens`` more, one token per forward. Measured per (mo
   back to the OS first, so an earlier, longer run does not hide this one's allocations);
 * cache bytes after decoding: a linearized model's ``LinearizedCache.num_bytes()`` (recurrent
   states, plus keys/values of layers kept as softmax), a teacher's keys and values.
+
+The fork case samples ``samples`` continuations of ``fork_tokens`` tokens from one prompt of
+``fork_prompt`` tokens with ``generate(do_sample=True, num_return_sequences=samples)``, the same
+arguments for every model, and records the wall time (a linearized model prefills the prompt once
+and copies its state; a softmax teacher prefills every copy).
 
 Timings are wall-clock on whatever machine runs them: compare models from one run, never numbers
 from different machines.
@@ -41,9 +47,22 @@ class DecodeMeasurement:
     model: str  # role in the comparison, e.g. "teacher" or "student"
     context_length: int
     prefill_seconds: float
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float  # summed over the batch's rows
     peak_memory_bytes: int
     cache_bytes: int
+    batch: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ForkMeasurement:
+    model: str
+    prompt_length: int
+    samples: int
+    new_tokens: int
+    seconds: float  # wall time of the whole generate call
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +144,7 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, role: str) -> DecodeMeasurement:
-    """Prefill ``prompt`` [1, L] into a fresh cache, then decode ``decode_tokens`` greedily."""
+    """Prefill ``prompt`` [B, L] into a fresh cache, then decode ``decode_tokens`` greedily."""
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     with PeakMemory(device) as memory:
@@ -137,56 +156,102 @@ def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, ro
         prefill_seconds = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(decode_tokens):
-            next_token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+            next_token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             logits = model(input_ids=next_token, cache=cache, use_cache=True).logits
         _synchronize(device)
         decode_seconds = time.perf_counter() - started
     return DecodeMeasurement(
         model=role, context_length=prompt.shape[1], prefill_seconds=prefill_seconds,
-        decode_tokens_per_second=decode_tokens / decode_seconds, peak_memory_bytes=memory.peak_bytes,
-        cache_bytes=cache_num_bytes(cache),
+        decode_tokens_per_second=prompt.shape[0] * decode_tokens / decode_seconds, peak_memory_bytes=memory.peak_bytes,
+        cache_bytes=cache_num_bytes(cache), batch=prompt.shape[0],
     )
+
+
+@torch.no_grad()
+def measure_fork(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor, samples: int, new_tokens: int,
+    role: str,
+) -> ForkMeasurement:
+    """Wall time of sampling ``samples`` continuations of ``new_tokens`` tokens from ``prompt`` [1, L]."""
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(0)
+    _synchronize(device)
+    started = time.perf_counter()
+    model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        num_return_sequences=samples, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+    )
+    _synchronize(device)
+    return ForkMeasurement(model=role, prompt_length=prompt.shape[1], samples=samples, new_tokens=new_tokens,
+                           seconds=time.perf_counter() - started)
 
 
 def run_decode_benchmark(
     models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]], lengths: list[int], decode_tokens: int = 32,
-    progress: bool = True,
+    progress: bool = True, batch_sizes: list[int] | None = None, batch_lengths: list[int] | None = None,
+    fork_samples: int = 0, fork_prompt: int = 1024, fork_tokens: int = 32,
 ) -> dict:
-    """Measure every model at every length; returns ``{"settings": ..., "measurements": [...]}``.
+    """Measure every model at every length; returns ``{"settings": ..., "measurements": [...], "fork": [...]}``.
 
-    Lengths run in increasing order, all models at one length before the next, so a run cut short
-    still holds a complete comparison for the shorter contexts.
+    Batch 1 runs at every length; each batch size in ``batch_sizes`` above 1 at ``batch_lengths``
+    (default: the shortest length). Lengths run in increasing order, all models at one length before
+    the next, so a run cut short still holds a complete comparison for the shorter contexts. With
+    ``fork_samples`` > 0 the fork case runs last.
     """
-    if not lengths or min(lengths) < 1 or decode_tokens < 1:
-        raise UserError(f"need positive --lengths and --decode-tokens, got {lengths} and {decode_tokens}")
+    batch_sizes = sorted(set(batch_sizes or [1]) | {1})
+    if not lengths or min(lengths) < 1 or decode_tokens < 1 or min(batch_sizes) < 1:
+        raise UserError(f"need positive --lengths, --decode-tokens and --batch-sizes, got {lengths}, "
+                        f"{decode_tokens} and {batch_sizes}")
+    if fork_samples < 0 or (fork_samples and (fork_prompt < 1 or fork_tokens < 1)):
+        raise UserError(f"need --fork-samples >= 0 and positive --fork-prompt and --fork-tokens, got "
+                        f"{fork_samples}, {fork_prompt} and {fork_tokens}")
     lengths = sorted(set(lengths))
+    batch_lengths = sorted(set(batch_lengths or lengths[:1]))
+    cases = sorted({(n, 1) for n in lengths} | {(n, b) for n in batch_lengths for b in batch_sizes if b > 1})
+    longest = max([n for n, _ in cases] + ([fork_prompt] if fork_samples else []))
     for role, (model, _) in models.items():
         limit = position_limit(model)
-        if limit is not None and lengths[-1] + decode_tokens > limit:
+        needed = max(longest + decode_tokens, fork_prompt + fork_tokens if fork_samples else 0)
+        if limit is not None and needed > limit:
             raise UserError(
-                f"the {role} supports {limit} positions, but length {lengths[-1]} plus {decode_tokens} decoded "
-                f"tokens needs {lengths[-1] + decode_tokens}. Fix: use --lengths up to {limit - decode_tokens}"
+                f"the {role} supports {limit} positions, but the benchmark needs {needed} (longest context plus "
+                f"decoded tokens). Fix: use --lengths (and --fork-prompt) up to {limit - decode_tokens}"
             )
+    rows = max(b for _, b in cases)
     prompts = {
-        role: chunk_tokens(tokenizer, read_corpus("wikitext2"), lengths[-1], 1) for role, (_, tokenizer) in models.items()
+        role: chunk_tokens(tokenizer, read_corpus("wikitext2"), longest, rows) for role, (_, tokenizer) in models.items()
     }
+    for role, prompt in prompts.items():
+        if prompt.shape[0] < rows:
+            raise UserError(f"WikiText-2 holds only {prompt.shape[0]} distinct rows of {longest} tokens for the "
+                            f"{role}; use smaller --batch-sizes or --batch-lengths")
     for role, (model, _) in models.items():  # first calls allocate and pick kernels: keep them out of the numbers
-        measure(model, prompts[role][:, :16], 2, role)
+        measure(model, prompts[role][:1, :16], 2, role)
     measurements = []
-    for length in lengths:
+    for length, batch in cases:
         for role, (model, _) in models.items():
-            result = measure(model, prompts[role][:, :length], decode_tokens, role)
+            result = measure(model, prompts[role][:batch, :length], decode_tokens, role)
             measurements.append(result.to_dict())
             if progress:  # long contexts take minutes on CPU: show each point as it lands
-                print(f"{role} @ {length}: prefill {result.prefill_seconds:.2f}s, "
+                print(f"{role} @ {length} x {batch}: prefill {result.prefill_seconds:.2f}s, "
                       f"decode {result.decode_tokens_per_second:.1f} tok/s, cache {result.cache_bytes} B", flush=True)
+    forks = []
+    for role, (model, tokenizer) in models.items() if fork_samples else ():
+        result = measure_fork(model, tokenizer, prompts[role][:1, :fork_prompt], fork_samples, fork_tokens, role)
+        forks.append(result.to_dict())
+        if progress:
+            print(f"{role}: {fork_samples} samples x {fork_tokens} tokens from {fork_prompt}: {result.seconds:.2f}s",
+                  flush=True)
     parameter = next(next(iter(models.values()))[0].parameters())
     settings = {
-        "lengths": lengths, "decode_tokens": decode_tokens, "prompt": "WikiText-2 test text",
-        "device": str(parameter.device), "dtype": str(parameter.dtype), "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "torch_version": torch.__version__,
+        "lengths": lengths, "decode_tokens": decode_tokens, "batch_sizes": batch_sizes, "batch_lengths": batch_lengths,
+        "fork": {"samples": fork_samples, "prompt": fork_prompt, "new_tokens": fork_tokens} if fork_samples else None,
+        "prompt": "WikiText-2 test text", "device": str(parameter.device), "dtype": str(parameter.dtype),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "torch_version": torch.__version__,
     }
     if parameter.device.type == "cuda":
         settings["gpu"] = torch.cuda.get_device_name(parameter.device)
-    return {"settings": settings, "measurements": measurements}
+    return {"settings": settings, "measurements": measurements, "fork": forks}

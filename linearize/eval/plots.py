@@ -34,31 +34,46 @@ def plot_recall(recall: dict[str, dict], path: Path) -> Path:
 
 
 def plot_decode(measurements: list[dict], path: Path) -> Path:
-    """Four panels vs context length: prefill seconds, decode tokens/s, peak memory, cache size,
-    with the student/teacher ratio written at each student point."""
+    """Panels vs context length at batch 1: prefill seconds, decode tokens/s, peak memory, cache size,
+    plus decode tokens/s vs batch size when several were measured; the student/teacher ratio is
+    written at each student point."""
     panels = [
         ("prefill_seconds", "prefill time (s)", 1), ("decode_tokens_per_second", "decode tokens/s", 1),
         ("peak_memory_bytes", "peak memory (MiB)", 2**20), ("cache_bytes", "cache (MiB)", 2**20),
     ]
-    by_key = {(m["model"], m["context_length"]): m for m in measurements}
-    figure, axes = plt.subplots(1, len(panels), figsize=(18, 4))
+    single = [m for m in measurements if m.get("batch", 1) == 1]
+    batched = sorted({m["context_length"] for m in measurements if m.get("batch", 1) > 1})
+    figure, axes = plt.subplots(1, len(panels) + bool(batched), figsize=(18 + 4.5 * bool(batched), 4))
     for axis, (field, label, scale) in zip(axes, panels):
-        for role in MODELS:
-            points = sorted((m["context_length"], m[field] / scale) for m in measurements if m["model"] == role)
-            if not points:
-                continue
-            axis.plot(*zip(*points), marker="o", label=role, **STYLE[role])
-            if role == "student":
-                for length, value in points:
-                    teacher = by_key.get(("teacher", length))
-                    if teacher and teacher[field]:
-                        axis.annotate(f"{value * scale / teacher[field]:.2f}×", (length, value), fontsize=7,
-                                      textcoords="offset points", xytext=(0, 6), ha="center")
+        _ratio_lines(axis, single, "context_length", field, scale)
         axis.set(title=label, xlabel="context length (tokens)")
-        _length_axis(axis, [m["context_length"] for m in measurements])
+        _length_axis(axis, [m["context_length"] for m in single])
+        axis.legend()
+    if batched:
+        axis = axes[-1]
+        chosen = [m for m in measurements if m["context_length"] == batched[0]]
+        _ratio_lines(axis, chosen, "batch", "decode_tokens_per_second", 1)
+        axis.set(title=f"decode tokens/s at {batched[0]} context", xlabel="batch size")
+        _length_axis(axis, [m["batch"] for m in chosen])
         axis.legend()
     figure.suptitle("student / teacher ratios annotated")
     return _save(figure, path)
+
+
+def _ratio_lines(axis, measurements: list[dict], x: str, field: str, scale: float) -> None:
+    """One line per model of ``field`` against ``x``, each student point annotated with its ratio."""
+    by_key = {(m["model"], m[x]): m for m in measurements}
+    for role in MODELS:
+        points = sorted((m[x], m[field] / scale) for m in measurements if m["model"] == role)
+        if not points:
+            continue
+        axis.plot(*zip(*points), marker="o", label=role, **STYLE[role])
+        if role == "student":
+            for at, value in points:
+                teacher = by_key.get(("teacher", at))
+                if teacher and teacher[field]:
+                    axis.annotate(f"{value * scale / teacher[field]:.2f}×", (at, value), fontsize=7,
+                                  textcoords="offset points", xytext=(0, 6), ha="center")
 
 
 def _length_axis(axis, lengths: list[int]) -> None:

@@ -59,6 +59,8 @@ def result_sections(results: dict | None, decode: dict | None, heading: str = "#
         )
     if decode:
         sections.append(f"{heading} Speed and memory\n\n{tables.decode_table(decode['measurements'])}")
+        if decode.get("fork"):
+            sections.append(f"{heading} Many samples from one prompt\n\n{tables.fork_table(decode['fork'])}")
     return sections
 
 

@@ -74,25 +74,25 @@ def recall_table(recall: dict[str, dict], test: str) -> str:
 
 
 def decode_table(measurements: list[dict]) -> str:
-    """Per length: each model's prefill time, decode speed, peak memory and cache size, and ratios."""
-    by_key = {(m["model"], m["context_length"]): m for m in measurements}
+    """Per (context, batch): each model's prefill time, decode speed, peak memory and cache size, and ratios."""
+    by_key = {(m["model"], m["context_length"], m.get("batch", 1)): m for m in measurements}
     roles = [role for role in MODELS if any(m["model"] == role for m in measurements)]
-    lengths = sorted({m["context_length"] for m in measurements})
-    header = ["context"]
+    cases = sorted({(m["context_length"], m.get("batch", 1)) for m in measurements})
+    header = ["context", "batch"]
     for role in roles:
         header += [f"{role} prefill s", f"{role} decode tok/s", f"{role} peak mem", f"{role} cache"]
     both = len(roles) == 2
     if both:
         header += ["prefill speedup", "decode speedup", "cache ratio"]
     rows = []
-    for length in lengths:
-        row = [str(length)]
+    for length, batch in cases:
+        row = [str(length), str(batch)]
         for role in roles:
-            m = by_key[(role, length)]
+            m = by_key[(role, length, batch)]
             row += [f"{m['prefill_seconds']:.2f}", f"{m['decode_tokens_per_second']:.1f}",
                     _bytes(m["peak_memory_bytes"]), _bytes(m["cache_bytes"])]
         if both:
-            teacher, student = by_key[("teacher", length)], by_key[("student", length)]
+            teacher, student = by_key[("teacher", length, batch)], by_key[("student", length, batch)]
             row += [
                 f"{teacher['prefill_seconds'] / student['prefill_seconds']:.2f}×",
                 f"{student['decode_tokens_per_second'] / teacher['decode_tokens_per_second']:.2f}×",
@@ -100,3 +100,16 @@ def decode_table(measurements: list[dict]) -> str:
             ]
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def fork_table(forks: list[dict]) -> str:
+    """The fork case: wall time of N samples from one prompt per model, and the speed-up."""
+    by_role = {f["model"]: f for f in forks}
+    header = ["prompt", "samples × new tokens"] + [f"{role} s" for role in MODELS if role in by_role]
+    first = forks[0]
+    row = [str(first["prompt_length"]), f"{first['samples']} × {first['new_tokens']}"]
+    row += [f"{by_role[role]['seconds']:.2f}" for role in MODELS if role in by_role]
+    if "teacher" in by_role and "student" in by_role:
+        header.append("speedup")
+        row.append(f"{by_role['teacher']['seconds'] / by_role['student']['seconds']:.2f}×")
+    return markdown_table(header, [row])

@@ -6,8 +6,8 @@ and ``linearize.kernels.reference`` re-exports it as the oracle that the Triton 
 against. It depends on nothing but ``torch``.
 
 Notation (per batch row b and query head h):
-    q, k        [B, H, T, d]   queries and keys after RoPE; keys already repeated for GQA
-    v           [B, H, T, D]   values (repeated for GQA)
+    q, k        [B, H, T, d]   queries and keys after RoPE; keys repeated for GQA (the state and the
+    v           [B, H, T, D]   values                        decode step keep them per KV head, Hkv)
     fq, fk      [B, H, T, F]   feature-mapped queries and keys, phi(q) and phi(k)
     gamma       [H]            share of the linear part, sigmoid of a learned logit
 
@@ -28,17 +28,21 @@ and, unlike in a plain softmax, it does not cancel against the linear part, so i
 definition (this is what LoLCATs does). With window = sinks = 0 the softmax part is empty and the
 formula is plain causal linear attention, o_i = fq_i S_i / (fq_i z_i + eps), for any g > 0.
 
-Three forms compute this and must agree:
+Every form computes this and they must agree:
     ``hybrid_attention_quadratic``  materialises the [T, T] weights (the spec; attention-transfer loss)
-    ``hybrid_attention_chunked``    chunk by chunk, carrying a ``RecurrentState`` (training, prefill)
-    ``hybrid_attention_recurrent``  token by token from the same state (decode)
-The state holds S = sum fk_j v_j^T and z = sum fk_j over keys that left the softmax part, plus the
-keys still inside it (at most ``sinks + window - 1``), so its size does not depend on the length.
+    ``hybrid_attention_chunked``    all chunks at once in O(T * chunk) (training, long prefill)
+    ``hybrid_attention_step``       one token from a ``RecurrentState``, in place (decode)
+    ``hybrid_attention_continue``   any number of tokens from a state (a second turn, a shared prefix)
+    ``hybrid_attention_recurrent``  token by token through the step (a test of the decode path)
+``build_state`` turns a fresh sequence's keys into the state in one shot. The state holds
+[S | z] = sum fk_j [v_j | 1]^T over keys that left the softmax part, plus the sinks and the last
+``window`` keys per KV head in a ring buffer, so its size does not depend on the length.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,14 +55,25 @@ EPS = 1e-6
 # --------------------------------------------------------------------------------------------------
 
 
+def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, Hx, T, d] @ weight [H, d, e] per head -> [B, H, T, e], where Hx = H (one input per head)
+    or Hx divides H (GQA keys per KV head, each read by H / Hx heads without being repeated)."""
+    heads, kv_heads = weight.shape[0], x.shape[1]
+    if kv_heads == heads:
+        return x @ weight
+    grouped = weight.view(kv_heads, heads // kv_heads, *weight.shape[1:])
+    return (x[:, :, None] @ grouped).flatten(1, 2)
+
+
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Hedgehog feature map (Zhang et al. 2024, arXiv 2402.04347), the definition pinned here.
 
     phi(x) = [softmax(x W + b), softmax(-(x W + b))], each softmax over the feature axis, no extra
-    scaling of x. ``x`` [B, H, T, d], ``weight`` [H, d, e], ``bias`` [H, e] -> [B, H, T, 2e].
+    scaling of x. ``x`` [B, H, T, d] (or per KV head, see ``per_head_matmul``), ``weight`` [H, d, e],
+    ``bias`` [H, e] -> [B, H, T, 2e].
     """
-    u = torch.einsum("bhtd,hde->bhte", x, weight) + bias[:, None, :]
-    return torch.cat([u.softmax(dim=-1), (-u).softmax(dim=-1)], dim=-1)
+    u = per_head_matmul(x, weight) + bias[:, None, :]
+    return torch.stack([u, -u], dim=-2).softmax(dim=-1).flatten(-2)  # both halves in one softmax call
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +91,7 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
 
 def based_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """BASED map: learned per-head projection ``projection`` [H, d, f], then ``taylor_features``."""
-    return taylor_features(torch.einsum("bhtd,hdf->bhtf", x, projection))
+    return taylor_features(per_head_matmul(x, projection))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,109 +142,159 @@ def _mix(
 
 
 # --------------------------------------------------------------------------------------------------
-# Quadratic form
+# The spec and the state
 # --------------------------------------------------------------------------------------------------
 
 
-def hybrid_attention_quadratic(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    gamma: torch.Tensor,
-    *,
-    window: int,
-    sinks: int,
-    scaling: float,
-    valid: torch.Tensor | None = None,
-    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-    eps: float = EPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window + linear attention with the [T, T] weights materialised.
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything besides weights and inputs that decides a layer's attention math.
 
-    Args:
-        q, k: [B, H, T, d]; v: [B, H, T, D]; fq, fk: [B, H, T, F]; gamma: [H].
-        window, sinks: sizes of the softmax part (``window`` counts the query itself; 0 disables).
-        scaling: softmax temperature, the teacher's (1/sqrt(d) for Llama and GPT-2).
-        valid: [B, T] bool, False for padding; default all True.
-        initial_state: (S [B, H, F, D], z [B, H, F]) added to the linear part (JRT's prefix state).
-    Returns:
-        out [B, H, T, D] in fp32, weights [B, H, T, T]: the normalised attention weights over the
-        keys of this call (they sum to 1 per query when there is no initial state).
+    window: softmax keys per query, counting the query itself (0: no window);
+    sinks: the first ``sinks`` positions stay in every query's softmax part;
+    scaling: the softmax temperature (the teacher's: 1/sqrt(d) for Llama and GPT-2);
+    eps: added to the normaliser.
     """
-    batch, _, length, _ = q.shape
-    q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
-    if valid is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    positions = token_positions(valid)
-    soft, lin = part_masks(positions, positions, valid, window, sinks)
-    weights = _mix(q @ k.transpose(-1, -2) * scaling, fq @ fk.transpose(-1, -2), soft, lin, gamma.float())
-    numerator = weights @ v
-    denominator = weights.sum(dim=-1)
-    if initial_state is not None:
-        s0, z0 = initial_state
-        g = gamma.float()[None, :, None]
-        numerator = numerator + g[..., None] * (fq @ s0.float())
-        denominator = denominator + g * (fq @ z0.float()[..., None]).squeeze(-1)
-    denominator = denominator + eps
-    return numerator / denominator[..., None], weights / denominator[..., None]
+
+    window: int = 0
+    sinks: int = 0
+    scaling: float = 1.0
+    eps: float = EPS
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.sinks < 0:
+            raise ValueError(f"window and sinks must be >= 0, got window={self.window}, sinks={self.sinks}")
+
+    @property
+    def capacity(self) -> int:
+        """Key slots of a ``RecurrentState``: the sinks and the last ``window`` keys."""
+        return self.sinks + self.window
+
+    def ring_slot(self, position: torch.Tensor) -> torch.Tensor:
+        """The slot of a kept key at ``position`` (>= 0): p for a sink, else sinks + (p - sinks) mod window.
+
+        A new key's slot is the one of the key ``window`` positions before it, which has just left the
+        softmax part, so every step overwrites exactly the key it folds.
+        """
+        if self.window == 0:
+            return position
+        return torch.where(position < self.sinks, position, self.sinks + (position - self.sinks) % self.window)
 
 
-# --------------------------------------------------------------------------------------------------
-# State and the chunked / recurrent forms
-# --------------------------------------------------------------------------------------------------
+def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, T, X] -> [B, Hkv * groups, T, X]: query head h reads KV head h // groups (GQA)."""
+    if groups == 1:
+        return x
+    batch, kv_heads, length, width = x.shape
+    return x[:, :, None].expand(batch, kv_heads, groups, length, width).reshape(batch, kv_heads * groups, length, width)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a decode step computes from the token count alone: shared by all layers of a forward."""
+
+    slot: torch.Tensor  # [B, 1]: the ring slot the new token goes to
+    index: torch.Tensor  # [B, Hkv, 1, d + D + 1]: ``slot`` expanded for gather/scatter on the ring
+    ones: torch.Tensor  # [B, Hkv, 1, 1]: the last column of a ring entry [k | v | 1]
+    ring_full: bool  # every slot holds a key: no masking needed
 
 
 @dataclass
 class RecurrentState:
-    """Everything one linearized layer needs to continue a sequence.
+    """Everything one linearized layer needs to continue its sequences, in a size fixed by the spec.
 
-    S [B, H, F, D] and z [B, H, F] (fp32) sum the keys that left the softmax part. ``keys``
-    [B, H, K, d], ``features`` [B, H, K, F], ``values`` [B, H, K, D] and ``positions`` [B, K] hold the
-    keys still in it (sinks and the last ``window - 1``), K <= sinks + window - 1; position -1 marks an
-    empty slot. ``seen`` [B] counts the real tokens consumed per row.
+    After a row has consumed ``seen`` real tokens (positions 0 .. seen - 1):
+
+    * ``ring`` [B, Hkv, C, d + D + 1] holds, per KV head (GQA repeats them at use, not in storage),
+      [k | v | 1] of the keys at positions p < sinks or p >= seen - window, each in slot
+      ``spec.ring_slot(p)``; C = ``spec.capacity``; ``positions`` [B, C] says which, -1 for an empty
+      slot (all zeros). The column of ones makes one product give a numerator and its normaliser;
+      ``keys`` and ``values`` ([v | 1]) are views of it;
+    * ``kv`` [B, H, F, D + 1] (fp32) is [S | z]: the sums of phi(k_p) v_p^T and phi(k_p) over the keys
+      sinks <= p < seen - window, plus any initial state (JRT's prefix);
+    * ``seen`` [B] counts the real tokens consumed.
+
+    The ring holds one key more than the next query's softmax part: p = seen - window, which is
+    linear for that query. A decode step folds it into S, z (one rank-1 update of ``kv`` with its
+    [v | 1]; an empty slot adds zero) and writes the new key over it. Features of ring keys are not
+    stored: whoever folds a key recomputes phi from it.
     """
 
-    S: torch.Tensor
-    z: torch.Tensor
-    keys: torch.Tensor
-    features: torch.Tensor
-    values: torch.Tensor
+    kv: torch.Tensor
+    ring: torch.Tensor
     positions: torch.Tensor
     seen: torch.Tensor
 
+    @property
+    def S(self) -> torch.Tensor:
+        """[B, H, F, D]: sum of phi(k) v^T over the folded keys (a view of ``kv``)."""
+        return self.kv[..., :-1]
+
+    @property
+    def z(self) -> torch.Tensor:
+        """[B, H, F]: sum of phi(k) over the folded keys (a view of ``kv``)."""
+        return self.kv[..., -1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.ring.shape[-1] - self.kv.shape[-1]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[B, Hkv, C, d]: the ring's keys (a view of ``ring``)."""
+        return self.ring[..., : self.head_dim]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[B, Hkv, C, D + 1]: the ring's [v | 1] (a view of ``ring``)."""
+        return self.ring[..., self.head_dim :]
+
     @classmethod
-    def empty(cls, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor) -> RecurrentState:
-        """A zero state shaped for queries ``q``, values ``v`` and features ``fq`` [B, H, *, *]."""
-        batch, heads, _, head_dim = q.shape
-        feat, value_dim = fq.shape[-1], v.shape[-1]
-        device = q.device
+    def empty(
+        cls, batch: int, heads: int, kv_heads: int, head_dim: int, value_dim: int, features: int,
+        spec: AttentionSpec, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ) -> RecurrentState:
+        """The state of rows that have seen nothing."""
+        slots = spec.capacity
         return cls(
-            S=torch.zeros(batch, heads, feat, value_dim, device=device),
-            z=torch.zeros(batch, heads, feat, device=device),
-            keys=q.new_zeros(batch, heads, 0, head_dim, dtype=torch.float32),
-            features=q.new_zeros(batch, heads, 0, feat, dtype=torch.float32),
-            values=q.new_zeros(batch, heads, 0, value_dim, dtype=torch.float32),
-            positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
+            kv=torch.zeros(batch, heads, features, value_dim + 1, device=device),
+            ring=torch.zeros(batch, kv_heads, slots, head_dim + value_dim + 1, device=device, dtype=dtype),
+            positions=torch.full((batch, slots), -1, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
     def with_prefix(self, S: torch.Tensor, z: torch.Tensor) -> RecurrentState:
         """The same state with (S, z) added, e.g. JRT's encoder prefix state."""
-        return replace(self, S=self.S + S.float(), z=self.z + z.float())
+        return replace(self, kv=self.kv + torch.cat([S.float(), z.float()[..., None]], dim=-1))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.kv, self.ring, self.positions, self.seen)
+
+    def step_plan(self, spec: AttentionSpec, check_full: bool = False) -> StepPlan:
+        """The slot of the next token, the same for every layer of one forward (compute it once).
+
+        ``check_full`` asks (with a host synchronisation) whether every slot is filled, which lets
+        the step skip masking empty slots.
+        """
+        if spec.window > 0:
+            slot = spec.ring_slot(self.seen)
+        else:  # only sinks are kept; later tokens write nowhere
+            slot = self.seen.clamp(max=max(spec.capacity - 1, 0))
+        batch, kv_heads, _, width = self.ring.shape
+        slot = slot[:, None]
+        return StepPlan(
+            slot=slot, index=slot[:, None, :, None].expand(batch, kv_heads, 1, width),
+            ones=self.ring.new_ones(()).expand(batch, kv_heads, 1, 1),
+            ring_full=check_full and bool((self.positions >= 0).all()),
+        )
 
     def num_bytes(self) -> int:
         """Memory held by the state's tensors."""
-        tensors = (self.S, self.z, self.keys, self.features, self.values, self.positions, self.seen)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def index_batch(self, index: torch.Tensor) -> RecurrentState:
-        """Rows ``index`` of the batch (beam search reordering, batch selection)."""
-        return RecurrentState(
-            *(t.index_select(0, index.to(t.device)) for t in (self.S, self.z, self.keys, self.features,
-                                                                self.values, self.positions, self.seen))
-        )
+        """Rows ``index`` of the batch, copied (beam reordering, batch selection, forking a prompt)."""
+        return RecurrentState(*(t.index_select(0, index.to(t.device)) for t in self.tensors()))
 
 
 def prefix_state(
@@ -241,65 +306,140 @@ def prefix_state(
     return fk.transpose(-1, -2) @ v.float(), fk.sum(dim=-2)
 
 
-def hybrid_attention_step(
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is (the decode step runs per token and layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D + 1]: values with the column of ones that sums their weights."""
+    return torch.nn.functional.pad(v, (0, 1), value=1.0)
+
+
+def _fold_and_ring(
+    keys: torch.Tensor, values: torch.Tensor, features: torch.Tensor, key_pos: torch.Tensor,
+    key_valid: torch.Tensor, seen: torch.Tensor, spec: AttentionSpec, kv: torch.Tensor,
+) -> tuple[RecurrentState, torch.Tensor]:
+    """The state of rows that have seen ``seen`` tokens, from candidate keys and the [S | z] so far.
+
+    keys [B, Hkv, N, d], values [B, Hkv, N, D + 1] ([v | 1]), features [B, H, N, F], key_pos and
+    key_valid [B, N]: the sinks and the last ``window`` keys go to their ring slots, the other real
+    keys into [S | z]. Returns the state and the features of its ring keys [B, H, C, F].
+    """
+    batch, kv_heads = keys.shape[:2]
+    keep = key_valid & ((key_pos < spec.sinks) | (key_pos >= seen[:, None] - spec.window))
+    folded = features.float() * (key_valid & ~keep)[:, None, :, None]
+    kv = kv + folded.transpose(-1, -2) @ expand_kv_heads(values.float(), features.shape[1] // kv_heads)
+    slots = spec.capacity
+    slot = torch.where(keep, spec.ring_slot(key_pos.clamp(min=0)), slots)  # the rest go to a cut-off slot
+
+    def ring(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(batch, t.shape[1], slots + 1, t.shape[-1])
+        out.scatter_(2, slot[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]), t)
+        return out[:, :, :slots].contiguous()  # kernels index the state as dense tensors
+
+    positions = key_pos.new_full((batch, slots + 1), -1)
+    positions.scatter_(1, slot, torch.where(keep, key_pos, -1))
+    state = RecurrentState(kv, ring(torch.cat([keys, values], dim=-1)), positions[:, :slots].contiguous(), seen)
+    return state, ring(features.float())
+
+
+def build_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fk: torch.Tensor,
+    spec: AttentionSpec,
+    *,
+    valid: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> RecurrentState:
+    """The state after a fresh sequence, in one shot (no pass over the tokens).
+
+    k [B, Hkv, T, d] and v [B, Hkv, T, D] per KV head, fk [B, H, T, F], valid [B, T];
+    initial_state (S0, z0) is added to S, z (JRT's prefix state).
+    """
+    batch, kv_heads, length, _ = k.shape
+    heads, feat, value_dim = fk.shape[1], fk.shape[-1], v.shape[-1]
+    kv = torch.zeros(batch, heads, feat, value_dim + 1, device=k.device)
+    if initial_state is not None:
+        kv = kv + torch.cat([initial_state[0].float(), initial_state[1].float()[..., None]], dim=-1)
+    if valid is None:  # no padding: the folded keys are one slice, the ring's candidates two
+        sinks = min(spec.sinks, length)
+        start = max(sinks, length - spec.window)
+        folded = fk[:, :, sinks:start].float()
+        if start > sinks:
+            values = expand_kv_heads(_with_ones(v[:, :, sinks:start].float()), heads // kv_heads)
+            kv = kv + folded.transpose(-1, -2) @ values
+        kept = torch.cat([torch.arange(sinks), torch.arange(start, length)]).to(k.device)
+        positions = kept[None].expand(batch, -1)
+        seen = torch.full((batch,), length, dtype=torch.long, device=k.device)
+        state, _ = _fold_and_ring(k[:, :, kept], _with_ones(v[:, :, kept]), fk[:, :, kept], positions,
+                                  torch.ones_like(positions, dtype=torch.bool), seen, spec, kv)
+        return state
+    seen = valid.long().sum(dim=-1)
+    state, _ = _fold_and_ring(k, _with_ones(v), fk, token_positions(valid), valid, seen, spec, kv)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Quadratic form
+# --------------------------------------------------------------------------------------------------
+
+
+def hybrid_attention_quadratic(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     fq: torch.Tensor,
     fk: torch.Tensor,
     gamma: torch.Tensor,
-    state: RecurrentState,
+    spec: AttentionSpec,
     *,
-    window: int,
-    sinks: int,
-    scaling: float,
     valid: torch.Tensor | None = None,
-    eps: float = EPS,
-) -> tuple[torch.Tensor, RecurrentState]:
-    """Continue a sequence from ``state`` with T new tokens; returns out [B, H, T, D] and the new state.
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window + linear attention with the [T, T] weights materialised.
 
-    The new queries attend to the keys kept in the state plus the new keys (quadratically, masked
-    by position) and to S, z through their features. Keys that leave the softmax part are folded
-    into S, z; the others are kept, so the state stays O(sinks + window).
+    Args:
+        q, k: [B, H, T, d]; v: [B, H, T, D] (keys and values repeated to the query heads);
+        fq, fk: [B, H, T, F]; gamma: [H]; spec: window, sinks, scaling, eps.
+        valid: [B, T] bool, False for padding; default all True.
+        initial_state: (S [B, H, F, D], z [B, H, F]) added to the linear part (JRT's prefix state).
+    Returns:
+        out [B, H, T, D] in fp32, weights [B, H, T, T]: the normalised attention weights over the
+        keys of this call (they sum to 1 per query when there is no initial state).
     """
     batch, _, length, _ = q.shape
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    query_pos = token_positions(valid, state.seen)
-    keys = torch.cat([state.keys, k], dim=2)
-    features = torch.cat([state.features, fk], dim=2)
-    values = torch.cat([state.values, v], dim=2)
-    key_pos = torch.cat([state.positions, query_pos], dim=1)
-    key_valid = torch.cat([state.positions >= 0, valid], dim=1)
+    positions = token_positions(valid)
+    soft, lin = part_masks(positions, positions, valid, spec.window, spec.sinks)
+    weights = _mix(q @ k.transpose(-1, -2) * spec.scaling, fq @ fk.transpose(-1, -2), soft, lin, gamma.float())
+    numerator = weights @ v
+    denominator = weights.sum(dim=-1)
+    if initial_state is not None:
+        s0, z0 = initial_state
+        g = gamma.float()[None, :, None]
+        numerator = numerator + g[..., None] * (fq @ s0.float())
+        denominator = denominator + g * (fq @ z0.float()[..., None]).squeeze(-1)
+    denominator = denominator + spec.eps
+    return numerator / denominator[..., None], weights / denominator[..., None]
 
-    soft, lin = part_masks(query_pos, key_pos, key_valid, window, sinks)
-    weights = _mix(q @ keys.transpose(-1, -2) * scaling, fq @ features.transpose(-1, -2), soft, lin, gamma.float())
-    g = gamma.float()[None, :, None]
-    numerator = weights @ values + g[..., None] * (fq @ state.S)
-    denominator = weights.sum(dim=-1) + g * (fq @ state.z[..., None]).squeeze(-1) + eps
-    out = numerator / denominator[..., None]
 
-    # The next query sits at position `seen`; keep what its softmax part needs, fold the rest.
-    seen = state.seen + valid.long().sum(dim=-1)
-    next_pos = seen[:, None]
-    keep = key_valid & ((key_pos < sinks) | (key_pos > next_pos - window))
-    fold = (key_valid & ~keep)[:, None, :, None].float()
-    S = state.S + (features * fold).transpose(-1, -2) @ values
-    z = state.z + (features * fold).sum(dim=-2)
+# --------------------------------------------------------------------------------------------------
+# Chunked form
+# --------------------------------------------------------------------------------------------------
 
-    slots = min(key_pos.shape[1], sinks + max(window - 1, 0))
-    order = torch.where(keep, key_pos, torch.full_like(key_pos, torch.iinfo(torch.long).max))
-    index = order.argsort(dim=-1, stable=True)[:, :slots]
-    kept = keep.gather(1, index)
-    positions = torch.where(kept, key_pos.gather(1, index), torch.full_like(index, -1))
 
-    def take(t: torch.Tensor) -> torch.Tensor:
-        gathered = t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
-        return gathered * kept[:, None, :, None]
+def pack_left(valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] permutation putting each row's real tokens first, in order (then the padding)."""
+    return (~valid).long().argsort(dim=1, stable=True)
 
-    new_state = RecurrentState(S, z, take(keys), take(features), take(values), positions, seen)
-    return out, new_state
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, X] with its tokens reordered by ``order`` [B, T]."""
+    return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
 
 def hybrid_attention_chunked(
@@ -309,34 +449,294 @@ def hybrid_attention_chunked(
     fq: torch.Tensor,
     fk: torch.Tensor,
     gamma: torch.Tensor,
-    state: RecurrentState | None = None,
+    spec: AttentionSpec,
     *,
-    window: int,
-    sinks: int,
-    scaling: float,
     valid: torch.Tensor | None = None,
-    chunk_size: int = 128,
-    eps: float = EPS,
-) -> tuple[torch.Tensor, RecurrentState]:
-    """``hybrid_attention_step`` over chunks of ``chunk_size`` tokens: O(T (chunk + window)) time."""
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """The quadratic form's output in O(T * chunk) time and memory, all chunks at once.
+
+    Shapes and arguments as ``hybrid_attention_quadratic``; returns out [B, H, T, D] in fp32.
+    Padding is packed out first (real tokens moved to the front of each row, so a token's index is
+    its position), then the sequence is cut into chunks of c = max(chunk_size, window) tokens. A
+    query in chunk n sees the softmax part of the window only in chunks n - 1 and n (c >= window),
+    so it attends to those two chunks through masks, to the sinks directly, and to chunks 0..n-2
+    through their summed state, a cumulative sum of per-chunk fk^T v (the sinks excluded).
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if state is None:
-        state = RecurrentState.empty(q, v, fq)
-    length = q.shape[2]
+    batch, heads, length, _ = q.shape
+    q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
+    if length == 0:
+        return q.new_zeros(batch, heads, 0, v.shape[-1])
+    if valid is None or bool(valid.all()):
+        return _chunked_packed(q, k, v, fq, fk, gamma.float(), spec, None, initial_state, chunk_size)
+    order = pack_left(valid)
+    packed = [permute_tokens(t, order) for t in (q, k, v, fq, fk)]
+    out = _chunked_packed(*packed, gamma.float(), spec, valid.gather(1, order), initial_state, chunk_size)
+    return permute_tokens(out, order.argsort(dim=1))
+
+
+def _chunked_packed(q, k, v, fq, fk, gamma, spec, valid, initial_state, chunk_size) -> torch.Tensor:
+    """``hybrid_attention_chunked`` for rows whose real tokens come first (valid: None or right padding).
+
+    The shares g and 1 - g are folded into fq and the softmax weights, and values carry a column
+    of ones ([v | 1]), so each product yields a numerator and its normaliser at once.
+    """
+    batch, heads, length, _ = q.shape
+    window, sinks = spec.window, spec.sinks
+    c = max(chunk_size, window, 1)
+    n = -(-length // c)
+    padded = n * c
+    device = q.device
+    pad = torch.nn.functional.pad
+    real = torch.ones(batch, length, dtype=torch.bool, device=device) if valid is None else valid
+    real = pad(real, (0, padded - length), value=False)
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, X] -> [B, H, N, c, X]
+        if padded > length:
+            x = pad(x, (0, 0, 0, padded - length))
+        return x.reshape(batch, heads, n, c, x.shape[-1])
+
+    def previous(x: torch.Tensor) -> torch.Tensor:  # the previous chunk's rows, zeros before chunk 0
+        return pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]
+
+    g = gamma[None, :, None, None, None]
+    v1 = _with_ones(v)
+    qc, kc, v1c, fqc, fkc = (chunks(t) for t in (q * spec.scaling, k, v1, fq, fk))
+    fq_lin = fqc * g  # [B, H, N, c, F]
+    index = torch.arange(padded, device=device).view(n, c)
+    query_pos = index[None, None, :, :, None]  # [1, 1, N, c, 1]
+    key_pos = torch.cat([index - c, index], dim=-1)[None, None, :, None, :]  # previous chunk, then this one
+    key_real = torch.cat([previous(real.view(batch, 1, n, c, 1)), real.view(batch, 1, n, c, 1)], dim=-2)
+    causal = (key_pos <= query_pos) & (key_pos >= sinks) & key_real.view(batch, 1, n, 1, 2 * c)  # sinks: apart
+    in_window = key_pos > query_pos - window
+    soft, lin = causal & in_window, causal & ~in_window
+    v1_previous = previous(v1c)
+    # With c = window every key of a query's own chunk is in its window: the local linear part lies
+    # in the previous chunk only, so only that chunk's feature scores are computed.
+    previous_only = window >= c
+    lin_keys = previous(fkc) if previous_only else torch.cat([previous(fkc), fkc], dim=-2)
+    lin_values = v1_previous if previous_only else torch.cat([v1_previous, v1c], dim=-2)
+    lin = lin[..., :c] if previous_only else lin
+    total = torch.where(lin, fq_lin @ lin_keys.transpose(-1, -2), 0.0) @ lin_values  # [B, H, N, c, D + 1]
+
+    if window or sinks:
+        masked = torch.where(soft, qc @ torch.cat([previous(kc), kc], dim=-2).transpose(-1, -2), float("-inf"))
+        m = masked.amax(dim=-1, keepdim=True)
+        if sinks:
+            sink_count = min(sinks, length)
+            sink_pos = torch.arange(sink_count, device=device)[None, None, None, None, :]
+            sink_soft = (sink_pos <= query_pos) & real[:, :sink_count].view(batch, 1, 1, 1, sink_count)
+            sink_masked = torch.where(sink_soft, qc @ k[:, :, None, :sink_count].transpose(-1, -2), float("-inf"))
+            m = torch.maximum(m, sink_masked.amax(dim=-1, keepdim=True))
+        m = m.detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        total = total + (torch.exp(masked - m) * (1 - g)) @ torch.cat([v1_previous, v1c], dim=-2)
+        if sinks:
+            total = total + (torch.exp(sink_masked - m) * (1 - g)) @ v1[:, :, None, :sink_count]
+
+    # Chunks 0..n-2 through [S | z] summed over them (sinks and padding excluded).
+    in_state = (real & (torch.arange(padded, device=device) >= sinks)).view(batch, 1, n, c, 1)
+    chunk_kv = ((fkc * in_state).transpose(-1, -2) @ v1c).cumsum(dim=2)  # [B, H, N, F, D + 1], through chunk n
+    kv = pad(chunk_kv, (0, 0, 0, 0, 2, 0))[:, :, :n]  # through chunk n - 2
+    if initial_state is not None:
+        kv = kv + torch.cat([initial_state[0].float(), initial_state[1].float()[..., None]], dim=-1)[:, :, None]
+    total = total + fq_lin @ kv
+    out = total[..., :-1] / (total[..., -1:] + spec.eps)
+    return out.reshape(batch, heads, padded, -1)[:, :, :length]
+
+
+# On CPU the quadratic form (a few large ops over [T, T]) beats the chunked one (more, smaller ops)
+# up to about this many tokens; measured at SmolLM2-135M sizes (README, "Speed").
+QUADRATIC_MAX_LENGTH = 192
+
+
+def hybrid_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    spec: AttentionSpec,
+    *,
+    valid: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """The cheapest exact PyTorch form for a fresh sequence: quadratic up to ``QUADRATIC_MAX_LENGTH``
+    tokens, chunked beyond. Arguments as ``hybrid_attention_chunked``; returns out [B, H, T, D] fp32.
+    An export computes with it where ``linearize`` is not installed, so it gives the same numbers."""
+    if q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32)
+    if q.shape[2] <= QUADRATIC_MAX_LENGTH:
+        return hybrid_attention_quadratic(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state)[0]
+    return hybrid_attention_chunked(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state,
+                                    chunk_size=chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# From a state: one decode step, or any number of tokens
+# --------------------------------------------------------------------------------------------------
+
+
+def hybrid_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    gamma: torch.Tensor,
+    state: RecurrentState,
+    spec: AttentionSpec,
+    key_features: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    valid: torch.Tensor | None = None,
+    plan: StepPlan | None = None,
+) -> torch.Tensor:
+    """One new token per row from ``state``, which is updated in place; returns out [B, H, 1, D] fp32.
+
+    q [B, H, 1, d], k [B, Hkv, 1, d], v [B, Hkv, 1, D] (per KV head), fq [B, H, 1, F], gamma [H];
+    ``key_features`` maps keys per KV head [B, Hkv, 1, d] to phi [B, H, 1, F] (the layer's feature
+    map): it is called once, on the key that leaves the softmax part. valid [B] or [B, 1]: False
+    leaves that row's state as it was (its output is unspecified). ``plan``: ``state.step_plan``,
+    computed once per forward for all layers (default: computed here).
+
+    A fixed number of ops whatever the context (``advance_state`` then ``attend_state``): no host
+    synchronisation and static shapes, so the step can be captured by CUDA graphs or torch.compile.
+    """
+    plan = state.step_plan(spec) if plan is None else plan
+    advance_state(k, v, state, spec, key_features, valid=valid, plan=plan)
+    return attend_state(q, fq, gamma, state, spec, masked=not plan.ring_full)
+
+
+def advance_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: RecurrentState,
+    spec: AttentionSpec,
+    key_features: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    valid: torch.Tensor | None = None,
+    plan: StepPlan | None = None,
+) -> None:
+    """Add one token per row to ``state`` in place: fold the leaving key into [S | z] (a rank-1
+    update) and write the new key over it. Shapes as ``hybrid_attention_step``."""
+    batch, kv_heads, slots, width = state.ring.shape
+    heads, feat, value_width = state.kv.shape[1:]
+    head_dim = width - value_width
+    live = None if valid is None else valid.reshape(batch, 1)
+    plan = state.step_plan(spec) if plan is None else plan
+    slot, index = plan.slot, plan.index
+    entry = torch.cat([_as(k, state.ring.dtype), _as(v, state.ring.dtype), plan.ones], dim=-1)  # [k | v | 1]
+    if spec.window > 0:  # the leaving key is the occupant of the new key's slot (zeros when empty)
+        leaving = state.ring.gather(2, index)
+        fold, write = live, live
+    else:  # the new key is linear at once unless it is a sink
+        leaving = entry
+        fold = state.seen[:, None] >= spec.sinks if spec.sinks else None
+        write = None if fold is None else ~fold
+        if live is not None:
+            fold = live if fold is None else fold & live
+            write = None if write is None else write & live
+    folded = _as(key_features(leaving[..., :head_dim]), torch.float32)  # [B, H, 1, F]
+    if fold is not None:
+        folded = folded * fold[:, :, None, None]
+    state.kv.view(batch, kv_heads, heads // kv_heads, feat, value_width).addcmul_(
+        folded.view(batch, kv_heads, heads // kv_heads, feat, 1),
+        _as(leaving[..., head_dim:], torch.float32).view(batch, kv_heads, 1, 1, value_width),
+    )
+    if slots:
+        new_pos = state.seen[:, None]
+        if write is not None:
+            entry = torch.where(write[:, :, None, None], entry, state.ring.gather(2, index))
+            new_pos = torch.where(write, new_pos, state.positions.gather(1, slot))
+        state.ring.scatter_(2, index, entry)
+        state.positions.scatter_(1, slot, new_pos)
+    state.seen.add_(1 if live is None else live.view(batch).long())
+
+
+def attend_state(
+    q: torch.Tensor, fq: torch.Tensor, gamma: torch.Tensor, state: RecurrentState, spec: AttentionSpec,
+    masked: bool = True,
+) -> torch.Tensor:
+    """out [B, H, 1, D] (fp32) of one query per row against ``state``, which already holds its key:
+    softmax over the filled slots, linear through S, z; each part's numerator and normaliser come
+    out of one product ([v | 1] and [S | z]). ``masked=False`` when every slot is filled."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads, slots = state.ring.shape[1:3]
+    groups, width = heads // kv_heads, state.kv.shape[-1]
+    g = _as(gamma, torch.float32)
+    total = (_as(fq, torch.float32) * g.view(1, heads, 1, 1)) @ state.kv  # [B, H, 1, D + 1]
+    if slots:
+        ring = _as(state.ring, torch.float32)
+        grouped_q = _as(q, torch.float32).reshape(batch, kv_heads, groups, head_dim) * spec.scaling
+        scores = grouped_q @ ring[..., :head_dim].transpose(-1, -2)  # [B, Hkv, G, C]
+        if masked:
+            scores = scores.masked_fill((state.positions < 0)[:, None, None, :], -1e30)  # empty: weight 0
+        # (1 - g) e^(s - m) as one exp: the log-share joins the max shift (g = 1: weight 0)
+        shift = scores.amax(dim=-1, keepdim=True) - torch.log1p(-g).view(1, kv_heads, groups, 1)
+        total = total + (torch.exp(scores - shift) @ ring[..., head_dim:]).view(batch, heads, 1, width)
+    return total[..., :-1] / (total[..., -1:] + spec.eps)
+
+
+def hybrid_attention_continue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    state: RecurrentState,
+    ring_features: torch.Tensor,
+    spec: AttentionSpec,
+    *,
+    valid: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, RecurrentState]:
+    """T new tokens from ``state`` (any T, any padding); returns out [B, H, T, D] fp32 and a new state.
+
+    q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], fq, fk [B, H, T, F], valid [B, T];
+    ring_features [B, H, C, F]: phi of ``state.keys`` (repeated to the query heads). Chunk by chunk,
+    the queries attend to the ring and the chunk's keys through position masks and to S, z.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, heads, length, _ = q.shape
     if valid is None:
-        valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     outputs = []
     for start in range(0, length, chunk_size):
         part = slice(start, start + chunk_size)
-        out, state = hybrid_attention_step(
+        out, state, ring_features = _continue_chunk(
             q[:, :, part], k[:, :, part], v[:, :, part], fq[:, :, part], fk[:, :, part], gamma, state,
-            window=window, sinks=sinks, scaling=scaling, valid=valid[:, part], eps=eps,
+            ring_features, spec, valid[:, part],
         )
         outputs.append(out)
     if not outputs:
-        return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32), state
+        return q.new_zeros(batch, heads, 0, v.shape[-1], dtype=torch.float32), state
     return torch.cat(outputs, dim=2), state
+
+
+def _continue_chunk(q, k, v, fq, fk, gamma, state, ring_features, spec, valid):
+    groups = q.shape[1] // k.shape[1]
+    q, fq = q.float(), fq.float()
+    query_pos = token_positions(valid, state.seen)
+    keys = torch.cat([state.keys, k.to(state.keys.dtype)], dim=2)
+    values = torch.cat([state.values, _with_ones(v.to(state.values.dtype))], dim=2)  # [v | 1]
+    features = torch.cat([ring_features.float(), fk.float()], dim=2)
+    key_pos = torch.cat([state.positions, query_pos], dim=1)
+    key_valid = torch.cat([state.positions >= 0, valid], dim=1)
+    soft, lin = part_masks(query_pos, key_pos, key_valid, spec.window, spec.sinks)
+    scores = q @ expand_kv_heads(keys.float(), groups).transpose(-1, -2) * spec.scaling
+    weights = _mix(scores, fq @ features.transpose(-1, -2), soft, lin, gamma.float())
+    g = gamma.float()[None, :, None, None]
+    total = weights @ expand_kv_heads(values[..., :-1].float(), groups) + g * (fq @ state.kv)[..., :-1]
+    denominator = weights.sum(dim=-1, keepdim=True) + g * (fq @ state.z[..., None]) + spec.eps
+    seen = state.seen + valid.long().sum(dim=-1)
+    new_state, new_features = _fold_and_ring(keys, values, features, key_pos, key_valid, seen, spec, state.kv)
+    return total / denominator, new_state, new_features
 
 
 def hybrid_attention_recurrent(
@@ -346,16 +746,42 @@ def hybrid_attention_recurrent(
     fq: torch.Tensor,
     fk: torch.Tensor,
     gamma: torch.Tensor,
-    state: RecurrentState | None = None,
+    spec: AttentionSpec,
     *,
-    window: int,
-    sinks: int,
-    scaling: float,
     valid: torch.Tensor | None = None,
-    eps: float = EPS,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
-    """One token at a time, as in decoding: the chunked form with chunks of one token."""
-    return hybrid_attention_chunked(
-        q, k, v, fq, fk, gamma, state, window=window, sinks=sinks, scaling=scaling, valid=valid,
-        chunk_size=1, eps=eps,
-    )
+    """Token by token through ``hybrid_attention_step``, as decoding runs; returns out and the state.
+
+    q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], fq, fk [B, H, T, F]. Each step's leaving
+    features are looked up in ``fk`` by the leaving key's position. The state is updated in place,
+    so this form gives values, not gradients.
+    """
+    batch, heads, length, head_dim = q.shape
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    state = RecurrentState.empty(batch, heads, k.shape[1], head_dim, v.shape[-1], fq.shape[-1], spec, q.device,
+                                 k.dtype)
+    if initial_state is not None:
+        state = state.with_prefix(*initial_state)
+    positions = token_positions(valid).masked_fill(~valid, length)  # padding goes to a spare index
+    index_of = torch.zeros(batch, length + 1, dtype=torch.long, device=q.device)
+    index_of.scatter_(1, positions, torch.arange(length, device=q.device).expand(batch, -1))
+    outputs = []
+    for t in range(length):
+        token = slice(t, t + 1)
+
+        def leaving_features(keys: torch.Tensor, t: int = t) -> torch.Tensor:
+            if spec.window == 0:
+                return fk[:, :, t : t + 1]
+            leaving = state.positions.gather(1, spec.ring_slot(state.seen)[:, None])
+            at = index_of.gather(1, leaving.clamp(min=0))  # an empty slot's zero values fold nothing
+            return fk.gather(2, at[:, None, :, None].expand(-1, heads, 1, fk.shape[-1]))
+
+        outputs.append(hybrid_attention_step(
+            q[:, :, token], k[:, :, token], v[:, :, token], fq[:, :, token], gamma, state, spec, leaving_features,
+            valid=valid[:, t],
+        ))
+    if not outputs:
+        return q.new_zeros(batch, heads, 0, v.shape[-1], dtype=torch.float32), state
+    return torch.cat(outputs, dim=2), state

@@ -34,7 +34,7 @@ class LinearAttentionOptions:
             ``generate`` (the prompt) or a forward call's ``jrt_prefix_length`` argument. A plain
             forward call reads no prefix, so scoring is causal.
         softmax_layers: layer indices kept as the teacher's softmax attention.
-        chunk_size: tokens per chunk in the chunked form (memory/speed trade-off, not the math).
+        chunk_size: tokens per chunk in the chunked form, at least the window (speed and memory, not the math).
         eps: added to the normaliser.
     """
 
@@ -46,7 +46,7 @@ class LinearAttentionOptions:
     init_gamma: float = 0.5
     jrt: bool = False
     softmax_layers: list[int] = field(default_factory=list)
-    chunk_size: int = 128
+    chunk_size: int = 64
     eps: float = 1e-6
 
     def __post_init__(self) -> None:

@@ -88,6 +88,18 @@ class LinearizedCache(Cache):
         layers = [DynamicLayer() if i in keep else RecurrentStateLayer() for i in range(num_layers)]
         super().__init__(layers=layers)
 
+    def adopt_rows(self, other: LinearizedCache, index: torch.Tensor) -> None:
+        """Fill this (empty) cache with rows ``index`` of ``other``: a prompt's fixed-size states,
+        prefilled once, copied to every sequence that continues it (softmax layers copy their KV)."""
+        for mine, theirs in zip(self.layers, other.layers):
+            if isinstance(theirs, RecurrentStateLayer):
+                if theirs.state is not None:
+                    mine.set_state(theirs.state.index_batch(index), theirs.cumulative_length)
+            elif theirs.is_initialized:
+                mine.lazy_initialization(theirs.keys, theirs.values)
+                mine.keys = theirs.keys.index_select(0, index.to(theirs.keys.device))
+                mine.values = theirs.values.index_select(0, index.to(theirs.values.device))
+
     def num_bytes(self) -> int:
         """Memory held by all layers: recurrent states plus softmax layers' keys and values."""
         total = 0

@@ -17,10 +17,20 @@ import math
 import torch
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.pytorch_utils import Conv1D
 
-from .attention_math import RecurrentState, hybrid_attention_chunked, prefix_state, token_positions
+from .attention_math import (
+    AttentionSpec,
+    StepPlan,
+    build_state,
+    expand_kv_heads,
+    hybrid_attention_continue,
+    hybrid_attention_step,
+    hybrid_attention_torch,
+    prefix_state,
+    token_positions,
+)
 from .configuration_linearized import (
     LinearAttentionOptions,
     LinearizedGPT2Config,
@@ -34,11 +44,10 @@ from .linearized_cache import LinearizedCache, RecurrentStateLayer
 
 try:  # fused kernels and device dispatch, when the linearize package is installed
     from linearize.kernels import hybrid_attention as _hybrid_attention
-
-    _STATELESS = {"return_state": False}  # without a cache the dispatcher may skip building a state
+    from linearize.kernels import hybrid_attention_decode as _hybrid_attention_decode
 except ImportError:  # an export loaded without linearize: the exact PyTorch math
-    _hybrid_attention = hybrid_attention_chunked
-    _STATELESS = {}
+    _hybrid_attention = hybrid_attention_torch
+    _hybrid_attention_decode = hybrid_attention_step
 
 
 def token_validity_from_mask(
@@ -107,7 +116,8 @@ def jrt_prefix_positions(valid: torch.Tensor, prefix_length: int | torch.Tensor 
 class LinearAttentionCore(nn.Module):
     """Feature maps, mix factor and the attention math shared by every family.
 
-    Takes queries/keys/values already projected, rotated and repeated for GQA.
+    Takes queries [B, H, T, d] and keys/values per KV head [B, Hkv, T, *], already projected and
+    rotated; GQA repeats keys and values where the math reads them, the cache stores them unrepeated.
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class LinearAttentionCore(nn.Module):
         self.options = options
         self.num_heads = num_heads
         self.scaling = scaling
+        self.spec = AttentionSpec(window=options.window, sinks=options.sink_tokens, scaling=scaling, eps=options.eps)
         self.teacher_window = teacher_window  # the teacher's sliding window (transfer-mode target)
 
     def gamma(self, device: torch.device) -> torch.Tensor:
@@ -132,44 +143,60 @@ class LinearAttentionCore(nn.Module):
             return torch.sigmoid(self.mix_logit)
         return torch.ones(self.num_heads, device=device)
 
+    def key_features(self, k: torch.Tensor) -> torch.Tensor:
+        """phi(k) [B, H, T, F] of keys per KV head [B, Hkv, T, d] (each read by its query heads)."""
+        return self.feature_map_k(k)
+
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         cache_layer: RecurrentStateLayer | None,
         encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         prefix_length: int | torch.Tensor = 0,
+        plan: StepPlan | None = None,
     ) -> torch.Tensor:
-        """q, k [B, H, T, d], v [B, H, T, D], valid [B, T] -> [B, H, T, D] in q's dtype.
+        """q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], valid [B, T] (None: all real) -> [B, H, T, D].
 
-        Continues from ``cache_layer``'s state when it has one and stores the new state there.
+        The output is in q's dtype.
+
+        Without a state (training, scoring, prefill) it runs the cheapest exact form over the whole
+        sequence and, with a cache, builds the state in one shot. With a state, one token is a
+        decode step (in place, constant cost) and more tokens continue chunk by chunk.
         ``encoder_kv`` (JRT) are the encoder keys/values of these tokens; when this call starts a
         sequence, the first ``prefix_length`` real tokens of each row (an int or a [B] tensor) form
-        the initial state.
+        the initial state. ``plan``: the decode step's ``StepPlan``, shared by all layers of a forward.
         """
-        length = q.shape[2]
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        length, groups, spec = q.shape[2], self.num_heads // k.shape[1], self.spec
+        fq, gamma = self.feature_map_q(q), self.gamma(q.device)
         state = cache_layer.state if cache_layer is not None else None
         if state is None:
-            prefix = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
-            if prefix is not None:
-                state = RecurrentState.empty(q, v, fq).with_prefix(*prefix)
-        options = self.options
-        out, state = _hybrid_attention(
-            q, k, v, fq, fk, self.gamma(q.device), state, window=options.window, sinks=options.sink_tokens,
-            scaling=self.scaling, valid=valid, chunk_size=options.chunk_size, eps=options.eps,
-            **({} if cache_layer is not None else _STATELESS),
-        )
+            fk = self.key_features(k)
+            initial = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
+            out = _hybrid_attention(
+                q, expand_kv_heads(k, groups), expand_kv_heads(v, groups), fq, fk, gamma, spec, valid=valid,
+                initial_state=initial, chunk_size=self.options.chunk_size,
+            )
+            if cache_layer is not None:
+                state = build_state(k, v, fk, spec, valid=valid, initial_state=initial)
+        elif length == 1:
+            out = _hybrid_attention_decode(q, k, v, fq, gamma, state, spec, self.key_features,
+                                           valid=None if valid is None else valid[:, 0], plan=plan)
+        else:
+            out, state = hybrid_attention_continue(
+                q, k, v, fq, self.key_features(k), gamma, state, self.key_features(state.keys), spec, valid=valid,
+                chunk_size=self.options.chunk_size,
+            )
         if cache_layer is not None:
             cache_layer.set_state(state, length)
         return out.to(q.dtype)
 
     def encoder_prefix_state(
         self,
-        valid: torch.Tensor,
+        valid: torch.Tensor | None,
         encoder_kv: tuple[torch.Tensor, torch.Tensor] | None,
         prefix_length: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -177,6 +204,9 @@ class LinearAttentionCore(nn.Module):
         each row, or None when there is no encoder or no prefix."""
         if encoder_kv is None:
             return None
+        if valid is None:
+            valid = torch.ones(encoder_kv[0].shape[0], encoder_kv[0].shape[2], dtype=torch.bool,
+                               device=encoder_kv[0].device)
         in_prefix = jrt_prefix_positions(valid, prefix_length)
         if not bool(in_prefix.any()):
             return None
@@ -225,6 +255,8 @@ class LinearizedLlamaAttention(nn.Module):
         cache=None,
         jrt_prefix_length: int | torch.Tensor | None = None,
         token_validity: torch.Tensor | None = None,
+        all_tokens_real: bool = False,
+        decode_plan: StepPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = position_embeddings
@@ -233,20 +265,22 @@ class LinearizedLlamaAttention(nn.Module):
         )
         v = self._heads(self.v_proj(hidden_states))
         encoder_kv = None
-        if hasattr(self, "k_enc_proj"):
+        if self.core.options.jrt:
             k_enc, _ = apply_rotary_pos_emb(self._heads(_in_own_dtype(self.k_enc_proj, hidden_states)), k, cos, sin)
             encoder_kv = (
-                repeat_kv(k_enc, self.num_key_value_groups),
-                repeat_kv(self._heads(_in_own_dtype(self.v_enc_proj, hidden_states)), self.num_key_value_groups),
+                expand_kv_heads(k_enc, self.num_key_value_groups),
+                expand_kv_heads(self._heads(_in_own_dtype(self.v_enc_proj, hidden_states)), self.num_key_value_groups),
             )
-        if token_validity is None:
+        if all_tokens_real:
+            token_validity = None
+        elif token_validity is None:
             token_validity = token_validity_from_mask(
                 attention_mask, q.shape[0], q.shape[2], q.device, self.core.teacher_window
             )
         out = self.core(
-            q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups),
-            valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
+            q, k, v, valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
             encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
+            plan=decode_plan,
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.o_proj(out), None
@@ -286,18 +320,23 @@ class LinearizedGPT2Attention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         jrt_prefix_length: int | torch.Tensor | None = None,
         token_validity: torch.Tensor | None = None,
+        all_tokens_real: bool = False,
+        decode_plan: StepPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         q, k, v = (self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
         encoder_kv = None
-        if hasattr(self, "c_attn_enc"):
+        if self.core.options.jrt:
             encoded = _in_own_dtype(self.c_attn_enc, hidden_states)
             encoder_kv = tuple(self._heads(x) for x in encoded.split(self.split_size, dim=2))
-        if token_validity is None:
+        if all_tokens_real:
+            token_validity = None
+        elif token_validity is None:
             token_validity = token_validity_from_mask(attention_mask, q.shape[0], q.shape[2], q.device)
         out = self.core(
             q, k, v, valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
             encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
+            plan=decode_plan,
         )
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
         return self.resid_dropout(self.c_proj(out)), None
@@ -355,6 +394,63 @@ class LinearizedCausalLMMixin:
             cache = self.new_cache()
         return cache, use_cache
 
+    def _prompt_fork(
+        self, input_ids, attention_mask, cache, labels, enabled: bool, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(first row of each distinct prompt [U], prompt of each row [B]) when this call starts a
+        cache for a batch that repeats prompts, as ``generate(num_return_sequences=N)`` does.
+
+        Prefill once, fork many (Hydragen, arXiv 2402.05099, carried over to a recurrent state): the
+        distinct prompts are prefilled once and their fixed-size states copied to every row, which
+        gives each row exactly what it would compute alone. ``fork_prompts=False`` turns it off.
+        """
+        if (not enabled or cache is None or labels is not None or input_ids is None or input_ids.shape[0] < 2
+                or cache.get_seq_length() > 0 or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
+            return None
+        if torch.is_tensor(attention_mask) and attention_mask.dim() != 2:
+            return None  # rows that differ only in a 4D mask would look alike
+        mask = attention_mask if torch.is_tensor(attention_mask) else None
+        rows = input_ids if mask is None else torch.cat([input_ids, mask.to(input_ids.dtype)], dim=1)
+        _, prompt_of_row = torch.unique(rows, dim=0, return_inverse=True)
+        distinct = int(prompt_of_row.max()) + 1
+        if distinct == rows.shape[0]:
+            return None
+        row_ids = torch.arange(rows.shape[0], device=rows.device)
+        first = torch.full((distinct,), rows.shape[0], device=rows.device).scatter_reduce(0, prompt_of_row, row_ids, "amin")
+        return first, prompt_of_row
+
+    def _forked_forward(self, fork: tuple[torch.Tensor, torch.Tensor], cache: LinearizedCache, inputs: dict):
+        """The forward of the distinct prompts only, its cache rows copied into ``cache`` for every row."""
+        first, prompt_of_row = fork
+        batch = prompt_of_row.shape[0]
+        per_row = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "jrt_prefix_length")
+        inputs = {
+            name: value.index_select(0, first) if name in per_row and torch.is_tensor(value) and value.dim() >= 1
+            and value.shape[0] == batch else value
+            for name, value in inputs.items()
+        }
+        prompts = self.new_cache()
+        output = self(**inputs, cache=prompts, use_cache=True, fork_prompts=False)
+        cache.adopt_rows(prompts, prompt_of_row)
+        output["logits"] = output.logits.index_select(0, prompt_of_row)
+        output["past_key_values"] = cache
+        return output
+
+    def _decode_plan(self, cache, length: int) -> StepPlan | None:
+        """A one-token step's ring slot, computed once for all layers (they have seen the same tokens).
+
+        On CPU it also checks whether the rings are full (a cheap host read), so that the layers
+        can skip masking empty slots.
+        """
+        if not isinstance(cache, LinearizedCache) or length != 1:
+            return None
+        state = next((layer.state for layer in cache.layers if getattr(layer, "state", None) is not None), None)
+        if state is None:
+            return None
+        options = self.linear_attention_options
+        spec = AttentionSpec(window=options.window, sinks=options.sink_tokens)
+        return state.step_plan(spec, check_full=state.seen.device.type == "cpu")
+
     def _padding_aware_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, kwargs: dict):
         """Position ids from the padding mask when none are given, and each new token's validity.
 
@@ -366,7 +462,11 @@ class LinearizedCausalLMMixin:
         batch, length = reference.shape[:2]
         windows = [teacher_sliding_window(self.config, i) for i in range(len(self.decoder_layers()))]
         sliding = next((w for w in windows if w is not None), None)
-        kwargs["token_validity"] = token_validity_from_mask(attention_mask, batch, length, reference.device, sliding)
+        validity = token_validity_from_mask(attention_mask, batch, length, reference.device, sliding)
+        # On CPU, a call without padding tells the layers so (one check per forward, not per layer):
+        # their decode step then skips the masking. On CUDA the check would cost a host sync.
+        kwargs["all_tokens_real"] = validity.device.type == "cpu" and bool(validity.all())
+        kwargs["token_validity"] = validity
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, length)
         return position_ids
@@ -399,10 +499,17 @@ class LlamaFamilyMixin(LinearizedCausalLMMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        fork_prompts=True,
         **kwargs,
     ):
         cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        fork = self._prompt_fork(input_ids, attention_mask, cache, labels, fork_prompts, kwargs)
+        if fork is not None:
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=logits_to_keep, **kwargs)
+            return self._forked_forward(fork, cache, inputs)
         position_ids = self._padding_aware_inputs(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
+        kwargs["decode_plan"] = self._decode_plan(cache, (input_ids if input_ids is not None else inputs_embeds).shape[1])
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -441,10 +548,17 @@ class LinearizedGPT2LMHeadModel(LinearizedCausalLMMixin, GPT2LMHeadModel):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        fork_prompts=True,
         **kwargs,
     ):
         cache, use_cache = self._own_cache(cache, use_cache, kwargs)
+        fork = self._prompt_fork(input_ids, attention_mask, cache, labels, fork_prompts, kwargs)
+        if fork is not None:
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                          position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
+            return self._forked_forward(fork, cache, inputs)
         position_ids = self._padding_aware_inputs(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
+        kwargs["decode_plan"] = self._decode_plan(cache, (input_ids if input_ids is not None else inputs_embeds).shape[1])
         return super().forward(
             input_ids=input_ids, cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,

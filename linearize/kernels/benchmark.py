@@ -2,8 +2,9 @@
 
 On a GPU: the fused Triton kernels (causal linear attention and the window + linear hybrid) in
 bf16 against torch SDPA (FlashAttention backend) and, when installed, flash-linear-attention's
-``chunk_linear_attn``. On a CPU: the exact PyTorch reference path (what CPU runs use) in fp32
-against SDPA; the Triton kernels only run in an interpreter there, which says nothing about speed.
+``chunk_linear_attn``. On a CPU: the exact PyTorch forms in fp32 (plain linear, and the hybrid both
+quadratic and chunked, which sets ``QUADRATIC_MAX_LENGTH``) against SDPA; the Triton kernels only
+run in an interpreter there, which says nothing about speed.
 
 Each case is timed forward only and forward + backward, as the best of a few runs after a warmup,
 with the device synchronised around every run. Results go to ``kernels.json``, ``kernels.md`` and
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from linearize.kernels import reference
 
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
-CPU_LENGTHS = [1024, 2048, 4096, 8192]
+CPU_LENGTHS = [128, 256, 512, 1024, 2048, 4096, 8192]
+QUADRATIC_LIMIT = 2048  # longest T the CPU benchmark runs the quadratic form at
 WINDOW, SINKS = 64, 4  # the hybrid setting of the design (64-key window plus 4 sinks)
 
 
@@ -76,13 +78,16 @@ def _sdpa(x: Inputs) -> torch.Tensor:
     return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
 
 
-def _reference(window: int, sinks: int) -> Variant:
-    def run(x: Inputs) -> torch.Tensor:
-        out, _ = reference.hybrid_attention_chunked(
-            x["q"], x["k"], x["v"], x["fq"], x["fk"], x["gamma"], window=window, sinks=sinks,
-            scaling=x["q"].shape[-1] ** -0.5,
-        )
-        return out
+def _reference(window: int, sinks: int, form: str = "torch") -> Variant:
+    """The PyTorch path (``form="torch"``: the one CPU runs pick) or one named form of it."""
+    function = getattr(reference, f"hybrid_attention_{form}")
+
+    def run(x: Inputs) -> torch.Tensor | None:
+        if form == "quadratic" and x["q"].shape[2] > QUADRATIC_LIMIT:
+            return None  # [T, T] weights per head: several GiB beyond this
+        spec = reference.AttentionSpec(window=window, sinks=sinks, scaling=x["q"].shape[-1] ** -0.5)
+        out = function(x["q"], x["k"], x["v"], x["fq"], x["fk"], x["gamma"], spec)
+        return out[0] if isinstance(out, tuple) else out
 
     return run
 
@@ -92,7 +97,8 @@ def _variants(device: str) -> dict[str, Variant]:
     variants: dict[str, Variant] = {"sdpa": _sdpa}
     if device == "cpu":
         variants["reference linear"] = _reference(0, 0)
-        variants[f"reference hybrid w{WINDOW}+{SINKS}"] = _reference(WINDOW, SINKS)
+        for form in ("quadratic", "chunked"):  # where one beats the other: QUADRATIC_MAX_LENGTH
+            variants[f"{form} hybrid w{WINDOW}+{SINKS}"] = _reference(WINDOW, SINKS, form)
         return variants
     from linearize.kernels import triton as kernels
 
@@ -133,15 +139,20 @@ def _time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -
 
 
 def _measure(variant: Variant, x: Inputs, device: str, shape: BenchShape) -> dict[str, float | None]:
-    """Forward and forward + backward times (ms) of one variant; None where it ran out of memory."""
+    """Forward and forward + backward times (ms) of one variant; None where it ran out of memory or
+    skips the length."""
 
-    def forward() -> torch.Tensor:
+    def forward() -> torch.Tensor | None:
         with torch.no_grad():
             return variant(x)
 
     def forward_backward() -> None:
         out = variant(x)
-        out.backward(torch.ones_like(out))
+        if out is not None:
+            out.backward(torch.ones_like(out))
+
+    if forward() is None:  # the variant skips this length
+        return {"fwd": None, "fwd+bwd": None}
 
     times: dict[str, float | None] = {}
     for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
@@ -163,7 +174,7 @@ def _markdown(rows: list[dict], names: list[str]) -> str:
     for row in rows:
         ms = [row["ms"].get(n) for n in names]
         speedups = [row["speedup"].get(n) for n in others]
-        cells = [str(row["length"]), row["mode"], *(f"{t:.2f}" if t is not None else "OOM" for t in ms),
+        cells = [str(row["length"]), row["mode"], *(f"{t:.2f}" if t is not None else "-" for t in ms),
                  *(f"{s:.2f}x" if s is not None else "-" for s in speedups)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,10 +1,15 @@
 """Pick the implementation of the attention math for a call.
 
-``backend="auto"`` (the default) runs the fused Triton kernels on CUDA tensors when they cover the
-call and the exact PyTorch reference otherwise (CPU tensors, padding inside the sequence, a state
-whose softmax buffer is not empty for a multi-token call). ``"reference"`` forces the reference;
-``"triton"`` forces the kernels (on CPU they run in Triton's interpreter, for tests) and raises
-UserError for a call they do not cover.
+``backend="auto"`` (the default) runs the fused Triton kernels on CUDA tensors and the exact
+PyTorch reference on CPU tensors. ``"reference"`` forces the reference; ``"triton"`` forces the
+kernels (on CPU they run in Triton's interpreter, for tests) and raises UserError for a call they do
+not cover.
+
+A fresh sequence (``hybrid_attention``) picks the cheapest exact form: on CPU
+``reference.hybrid_attention_torch`` (quadratic up to ``QUADRATIC_MAX_LENGTH`` tokens, chunked
+beyond); on CUDA the fused chunked kernel,
+with padding packed out first, so lm-eval's right-padded (or any padded) batches use it too. A
+decode step (``hybrid_attention_decode``) is ``reference.advance_state`` plus the fused attention.
 
 The Triton package is imported on first use only, so the reference path works where it is missing.
 A bad backend choice is a ``UserError`` (a ValueError the CLI reports as one line); shapes that do
@@ -13,15 +18,15 @@ not fit raise ValueError naming the tensor, the expected and the actual shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from linearize.errors import UserError
 from linearize.kernels import reference
-from linearize.kernels.reference import EPS, RecurrentState
+from linearize.kernels.reference import EPS, AttentionSpec, RecurrentState, StepPlan
 
 BACKENDS = ("auto", "reference", "triton")
-# Up to this length a state-less reference call materialises [T, T] (fewer, larger ops than chunks).
-QUADRATIC_MAX_LENGTH = 1024
 
 
 def _kernels():
@@ -46,17 +51,18 @@ def _check_backend(backend: str) -> None:
 
 def _check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, kv_heads: int | None = None,
 ) -> None:
-    """ValueError naming the first tensor whose shape does not fit q [B, H, T, d]."""
+    """ValueError naming the first tensor whose shape does not fit q [B, H, T, d] (k, v: ``kv_heads``)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, T, d], got shape {list(q.shape)}")
-    batch, heads, length, _ = q.shape
+    batch, heads, length, head_dim = q.shape
+    kv_heads = heads if kv_heads is None else kv_heads
     expected = {
-        "k": (q.shape, k),
-        "v": ((batch, heads, length, v.shape[-1]), v),
+        "k": ((batch, kv_heads, length, head_dim), k),
+        "v": ((batch, kv_heads, length, v.shape[-1]), v),
         "fq": ((batch, heads, length, fq.shape[-1]), fq),
-        "fk": (fq.shape, fk),
+        "fk": ((batch, heads, length, fq.shape[-1]), fk),
         "gamma": ((heads,), gamma),
     }
     if valid is not None:
@@ -70,74 +76,22 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _triton_unsupported(
-    q: torch.Tensor, state: RecurrentState | None, valid: torch.Tensor | None, differentiable: bool
-) -> str | None:
-    """Why the kernels cannot run this call, or None when they can."""
-    if q.shape[2] == 0:
-        return "an empty sequence (T = 0)"
-    if valid is not None and not bool(valid.all()):
-        return "a padding mask (valid has False entries)"
-    if state is not None and state.keys.shape[2] > 0 and (q.shape[2] != 1 or differentiable):
-        return "a state with keys in its softmax buffer (only a no-grad one-token decode step uses it)"
-    return None
-
-
-def _window_buffer(
-    k: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, window: int, sinks: int
-) -> tuple[torch.Tensor, ...]:
-    """The softmax buffer the reference leaves after a call that started with an empty one.
-
-    Positions 0..T-1 (offset by ``seen``): sinks and the last window - 1 keys, ascending, in
-    min(T, sinks + window - 1) slots, unused slots zero with position -1.
-    """
-    batch, heads, length, _ = k.shape
-    slots = min(length, sinks + max(window - 1, 0))
-    positions = torch.arange(length, device=k.device)
-    kept = positions[(positions < sinks) | (positions > length - window)]
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        buffer = t.new_zeros(batch, heads, slots, t.shape[-1], dtype=torch.float32)
-        buffer[:, :, : kept.numel()] = t[:, :, kept].float()
-        return buffer
-
-    buffer_positions = torch.full((batch, slots), -1, dtype=torch.long, device=k.device)
-    buffer_positions[:, : kept.numel()] = kept[None, :] + seen[:, None]
-    return take(k), take(fk), take(v), buffer_positions
-
-
 def _hybrid_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
-    state: RecurrentState | None, window: int, sinks: int, scaling: float, eps: float,
-) -> tuple[torch.Tensor, RecurrentState]:
-    """The whole call in one fused kernel; the state is rebuilt exactly as the reference builds it.
-
-    A state with an empty buffer that has already seen tokens only occurs for sinks = 0 and
-    window <= 1, where the split into parts does not depend on absolute positions.
-    """
-    initial = (state.S, state.z) if state is not None else None
-    out, (S, z) = _kernels().chunk_hybrid_attention(
-        q, k, v, fq, fk, gamma, window=window, sinks=sinks, scaling=scaling, initial_state=initial, eps=eps,
-    )
-    seen = state.seen if state is not None else torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    keys, features, values, positions = _window_buffer(k, fk, v, seen, window, sinks)
-    return out, RecurrentState(S, z, keys, features, values, positions, seen + q.shape[2])
-
-
-def _decode_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
-    state: RecurrentState, window: int, sinks: int, scaling: float, eps: float,
-) -> tuple[torch.Tensor, RecurrentState]:
-    """One token through the ring-buffer decode kernel, converting the reference state both ways."""
+    spec: AttentionSpec, valid: torch.Tensor | None, initial_state: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The fused kernel, which counts positions by index: padded rows are packed left first (real
+    tokens in front, so index = position; causal attention never lets a real query see the padding
+    behind it) and the outputs put back."""
     kernels = _kernels()
-    ring = kernels.DecodeState.from_recurrent(state, window, sinks)
-    out = kernels.decode_step(q, k, v, fq, fk, gamma, ring, scaling=scaling, eps=eps)
-    slots = min(state.keys.shape[2] + 1, sinks + max(window - 1, 0))
-    return out, ring.to_recurrent(slots)
+    options = dict(window=spec.window, sinks=spec.sinks, scaling=spec.scaling, initial_state=initial_state,
+                   eps=spec.eps)
+    if valid is None or bool(valid.all()):
+        return kernels.chunk_hybrid_attention(q, k, v, fq, fk, gamma, **options)[0]
+    order = reference.pack_left(valid)
+    packed = [reference.permute_tokens(t, order) for t in (q, k, v, fq, fk)]
+    out, _ = kernels.chunk_hybrid_attention(*packed, gamma, **options)
+    return reference.permute_tokens(out, order.argsort(dim=1))
 
 
 def hybrid_attention(
@@ -147,45 +101,29 @@ def hybrid_attention(
     fq: torch.Tensor,
     fk: torch.Tensor,
     gamma: torch.Tensor,
-    state: RecurrentState | None = None,
+    spec: AttentionSpec,
     *,
-    window: int,
-    sinks: int,
-    scaling: float,
     valid: torch.Tensor | None = None,
-    chunk_size: int = 128,
-    eps: float = EPS,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
     backend: str = "auto",
-    return_state: bool = True,
-) -> tuple[torch.Tensor, RecurrentState | None]:
-    """Window + linear attention from ``state``; see ``reference.hybrid_attention_chunked``.
+) -> torch.Tensor:
+    """Window + linear attention over a fresh sequence; see ``reference.hybrid_attention_quadratic``.
 
-    Shapes: q, k [B, H, T, d]; v [B, H, T, D]; fq, fk [B, H, T, F]; gamma [H]; valid [B, T].
-    Returns out [B, H, T, D] (fp32) and the state after the last token, the same ``RecurrentState``
-    (S, z and softmax buffer) on every backend. ``chunk_size`` only affects the reference. With
-    ``return_state=False`` (no cache: training, scoring) the reference may use the quadratic form,
-    which is faster on CPU at moderate lengths, and returns None for the state.
+    Shapes: q, k [B, H, T, d]; v [B, H, T, D] (keys and values repeated to the query heads);
+    fq, fk [B, H, T, F]; gamma [H]; valid [B, T]; initial_state (S [B, H, F, D], z [B, H, F]).
+    Returns out [B, H, T, D] (fp32). ``reference.build_state`` turns the same keys into the state a
+    cache keeps. ``chunk_size`` only affects the chunked reference.
     """
     _check_backend(backend)
     _check_inputs(q, k, v, fq, fk, gamma, valid)
     if _use_triton(backend, q):
-        differentiable = _needs_grad(q, k, v, fq, fk, gamma)
-        reason = _triton_unsupported(q, state, valid, differentiable)
-        if reason is None and state is not None and state.keys.shape[2] > 0:
-            return _decode_triton(q, k, v, fq, fk, gamma, state, window, sinks, scaling, eps)
-        if reason is None:
-            return _hybrid_triton(q, k, v, fq, fk, gamma, state, window, sinks, scaling, eps)
+        if q.shape[2] > 0:
+            return _hybrid_triton(q, k, v, fq, fk, gamma, spec, valid, initial_state)
         if backend == "triton":
-            raise UserError(f"backend='triton' does not support {reason}; use backend='auto' or 'reference'")
-    if not return_state and state is None and q.shape[2] <= QUADRATIC_MAX_LENGTH:
-        out, _ = reference.hybrid_attention_quadratic(
-            q, k, v, fq, fk, gamma, window=window, sinks=sinks, scaling=scaling, valid=valid, eps=eps,
-        )
-        return out, None
-    return reference.hybrid_attention_chunked(
-        q, k, v, fq, fk, gamma, state, window=window, sinks=sinks, scaling=scaling, valid=valid,
-        chunk_size=chunk_size, eps=eps,
-    )
+            raise UserError("backend='triton' does not support an empty sequence (T = 0); use backend='auto'")
+    return reference.hybrid_attention_torch(q, k, v, fq, fk, gamma, spec, valid=valid, initial_state=initial_state,
+                                            chunk_size=chunk_size)
 
 
 def hybrid_attention_decode(
@@ -193,42 +131,45 @@ def hybrid_attention_decode(
     k: torch.Tensor,
     v: torch.Tensor,
     fq: torch.Tensor,
-    fk: torch.Tensor,
     gamma: torch.Tensor,
-    state,
+    state: RecurrentState,
+    spec: AttentionSpec,
+    key_features: Callable[[torch.Tensor], torch.Tensor],
     *,
-    window: int,
-    sinks: int,
-    scaling: float,
-    eps: float = EPS,
+    valid: torch.Tensor | None = None,
+    plan: StepPlan | None = None,
     backend: str = "auto",
-):
-    """One decoding step: ``reference.hybrid_attention_step`` with T = 1.
+) -> torch.Tensor:
+    """One decoding step, ``state`` updated in place: ``reference.hybrid_attention_step``.
 
-    Shapes: q, k [B, H, 1, d]; v [B, H, 1, D]; fq, fk [B, H, 1, F]; gamma [H].
-    ``state`` is a ``RecurrentState`` (returned as a new one) or a ``triton.DecodeState`` (ring
-    buffer, updated in place on the Triton path: the fast way to decode many tokens).
-    Returns out [B, H, 1, D] (fp32) and the state after the token, of the type given.
+    Shapes: q [B, H, 1, d]; k [B, Hkv, 1, d], v [B, Hkv, 1, D] (per KV head); fq [B, H, 1, F];
+    gamma [H]; valid [B]. ``key_features`` maps keys [B, Hkv, 1, d] to phi [B, H, 1, F]; ``plan``
+    (``state.step_plan``) may be computed once per forward for all layers.
+    Returns out [B, H, 1, D] (fp32).
     """
     _check_backend(backend)
-    _check_inputs(q, k, v, fq, fk, gamma)
-    if q.shape[2] != 1:
-        raise ValueError(f"a decode step takes one token: q must be [B, H, 1, d], got {list(q.shape)}")
-    if not isinstance(state, RecurrentState):
-        if (state.window, state.sinks) != (window, sinks):
-            raise ValueError(
-                f"state was built for window={state.window}, sinks={state.sinks}; got window={window}, sinks={sinks}"
-            )
-        if not _use_triton(backend, q):
-            out, new = reference.hybrid_attention_step(
-                q, k, v, fq, fk, gamma, state.to_recurrent(), window=window, sinks=sinks, scaling=scaling, eps=eps,
-            )
-            return out, type(state).from_recurrent(new, window, sinks)
-        return _kernels().decode_step(q, k, v, fq, fk, gamma, state, scaling=scaling, eps=eps), state
+    batch, kv_heads, slots, _ = state.ring.shape
+    heads, feat, value_width = state.kv.shape[1:]
+    # Run every step: a few tuple comparisons, not the general check.
+    if (q.shape != (batch, heads, 1, state.head_dim) or k.shape != (batch, kv_heads, 1, state.head_dim)
+            or v.shape != (batch, kv_heads, 1, value_width - 1) or fq.shape != (batch, heads, 1, feat)
+            or gamma.shape != (heads,)):
+        if q.dim() == 4 and q.shape[2] != 1:
+            raise ValueError(f"a decode step takes one token: q must be [B, H, 1, d], got {list(q.shape)}")
+        _check_inputs(q, k, v, fq, fq, gamma, kv_heads=kv_heads)  # names the tensor that does not fit
+        raise ValueError(
+            f"q, k, v, fq must fit the state: q {[batch, heads, 1, state.head_dim]}, k "
+            f"{[batch, kv_heads, 1, state.head_dim]}, v {[batch, kv_heads, 1, value_width - 1]}, fq "
+            f"{[batch, heads, 1, feat]}; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}, {list(fq.shape)}"
+        )
+    if slots != spec.capacity:
+        raise ValueError(
+            f"the state has {slots} key slots but the spec (window={spec.window}, sinks={spec.sinks}) "
+            f"needs {spec.capacity}: it was built for another layer or spec"
+        )
     if _use_triton(backend, q):
-        return _decode_triton(q, k, v, fq, fk, gamma, state, window, sinks, scaling, eps)
-    return reference.hybrid_attention_step(q, k, v, fq, fk, gamma, state, window=window, sinks=sinks,
-                                           scaling=scaling, eps=eps)
+        return _kernels().decode_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
+    return reference.hybrid_attention_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
 
 
 def attention_transfer_loss(
@@ -280,5 +221,5 @@ def attention_output_mse(
     options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
     if _use_triton(backend, q):
         return _kernels().attention_output_mse(q, k, v, fq, fk, gamma, teacher_out, **options)
-    out, _ = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, **options)
+    out = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, AttentionSpec(**options))
     return (out - teacher_out.float()).pow(2).mean()

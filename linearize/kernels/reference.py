@@ -12,14 +12,25 @@ import torch
 
 from linearize.hf.attention_math import (
     EPS,
+    QUADRATIC_MAX_LENGTH,
+    AttentionSpec,
     RecurrentState,
+    StepPlan,
+    advance_state,
+    attend_state,
     based_features,
+    build_state,
+    expand_kv_heads,
     hedgehog_features,
     hybrid_attention_chunked,
+    hybrid_attention_continue,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
     hybrid_attention_step,
+    hybrid_attention_torch,
+    pack_left,
     part_masks,
+    permute_tokens,
     prefix_state,
     taylor_features,
     token_positions,
@@ -27,16 +38,27 @@ from linearize.hf.attention_math import (
 
 __all__ = [
     "EPS",
+    "QUADRATIC_MAX_LENGTH",
+    "AttentionSpec",
     "RecurrentState",
+    "StepPlan",
+    "advance_state",
+    "attend_state",
     "WEIGHT_FLOOR",
     "attention_transfer_loss_naive",
     "based_features",
+    "build_state",
+    "expand_kv_heads",
     "hedgehog_features",
     "hybrid_attention_chunked",
+    "hybrid_attention_continue",
     "hybrid_attention_quadratic",
     "hybrid_attention_recurrent",
     "hybrid_attention_step",
+    "hybrid_attention_torch",
+    "pack_left",
     "part_masks",
+    "permute_tokens",
     "prefix_state",
     "softmax_attention",
     "taylor_features",
@@ -117,8 +139,8 @@ def transfer_losses_naive(
         valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
     teacher_weights, teacher_out = softmax_attention(q, k, v, scaling, valid, sliding_window=sliding_window)
     student_out, student_weights = hybrid_attention_quadratic(
-        q, k, v, fq, fk, gamma, window=window, sinks=sinks, scaling=scaling, valid=valid,
-        initial_state=initial_state, eps=eps,
+        q, k, v, fq, fk, gamma, AttentionSpec(window=window, sinks=sinks, scaling=scaling, eps=eps), valid=valid,
+        initial_state=initial_state,
     )
     # Where P is 0 (future, padding or out-of-window keys) log(1) keeps 0 * log 0 out of the graph
     # (its gradient is NaN); elsewhere the floor keeps log finite and, like any clamp, passes no

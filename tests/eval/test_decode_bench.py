@@ -47,3 +47,31 @@ def test_teacher_cache_bytes_count_keys_and_values():
 def test_lengths_beyond_learned_positions_are_user_errors():
     with pytest.raises(UserError, match="supports 256 positions"):
         run_decode_benchmark({"teacher": (tiny_gpt2(), tiny_tokenizer())}, [256], DECODE)
+
+
+def test_batch_sizes_and_the_fork_case(tmp_path):
+    from linearize.eval import plots, tables
+
+    tokenizer = tiny_tokenizer()
+    models = {"teacher": (tiny_llama(), tokenizer),
+              "student": (linearize.convert(tiny_llama(), attention="window_hedgehog", **SMALL_WINDOW), tokenizer)}
+    result = run_decode_benchmark(models, [24, 40], DECODE, batch_sizes=[3], fork_samples=3, fork_prompt=16,
+                                  fork_tokens=2)
+    measured = {(m["model"], m["context_length"], m["batch"]): m for m in result["measurements"]}
+    assert set(measured) == {(role, n, b) for role in models for n, b in ((24, 1), (40, 1), (24, 3))}
+    for role in models:  # three rows hold three times the cache of one
+        assert measured[(role, 24, 3)]["cache_bytes"] == 3 * measured[(role, 24, 1)]["cache_bytes"]
+    assert [(f["model"], f["samples"], f["new_tokens"]) for f in result["fork"]] == [
+        ("teacher", 3, 2), ("student", 3, 2)]
+    assert all(f["seconds"] > 0 for f in result["fork"])
+    assert "| 24 | 3 |" in tables.decode_table(result["measurements"])
+    assert "3 × 2" in tables.fork_table(result["fork"])
+    assert plots.plot_decode(result["measurements"], tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_bad_batch_and_fork_settings_are_user_errors():
+    models = {"teacher": (tiny_llama(), tiny_tokenizer())}
+    with pytest.raises(UserError, match="--batch-sizes"):
+        run_decode_benchmark(models, [24], DECODE, batch_sizes=[0])
+    with pytest.raises(UserError, match="--fork-samples"):
+        run_decode_benchmark(models, [24], DECODE, fork_samples=-1)

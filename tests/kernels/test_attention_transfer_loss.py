@@ -91,7 +91,7 @@ def test_attention_output_mse() -> None:
     teacher = randn(B, H, T, D)
     options = dict(window=8, sinks=2, scaling=d**-0.5)
     ref_in, tri_in = leaves(*inputs), leaves(*inputs)
-    out, _ = reference.hybrid_attention_quadratic(*ref_in, **options)
+    out, _ = reference.hybrid_attention_quadratic(*ref_in, reference.AttentionSpec(**options))
     ref = (out - teacher).pow(2).mean()
     tri = attention_output_mse(*tri_in, teacher, **options)
     ratio = tolerance(torch.float32)

@@ -10,7 +10,7 @@ from linearize.kernels.benchmark import run_kernel_benchmark
 
 def test_run_kernel_benchmark_writes_results(tmp_path: Path) -> None:
     result = run_kernel_benchmark(tmp_path, lengths=[64], device="cpu")
-    assert result["variants"][0] == "sdpa" and len(result["variants"]) == 3
+    assert result["variants"][0] == "sdpa" and len(result["variants"]) == 4  # sdpa, linear, quadratic, chunked
     assert [(row["length"], row["mode"]) for row in result["rows"]] == [(64, "fwd"), (64, "fwd+bwd")]
     for row in result["rows"]:
         assert all(ms > 0 for ms in row["ms"].values())

@@ -1,4 +1,5 @@
-"""``triton.hybrid`` against ``reference.hybrid_attention_chunked``: outputs, final states, every gradient."""
+"""``triton.hybrid`` against ``reference.hybrid_attention_chunked``: outputs, the kernels' final
+(S, z) (in their own convention, see ``_reference``), every gradient."""
 
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ def _hybrid_ids(case: tuple[int, ...]) -> str:
 
 
 def _reference(q, k, v, fq, fk, gamma, s0, z0, window, sinks, scaling):
-    state = reference.RecurrentState.empty(q, v, fq).with_prefix(s0, z0)
-    out, state = reference.hybrid_attention_chunked(
-        q, k, v, fq, fk, gamma, state, window=window, sinks=sinks, scaling=scaling, chunk_size=64,
-    )
-    return out, state.S, state.z
+    """The chunked reference's output, and the final (S, z) in the kernel's own convention: S0, z0
+    plus the keys sinks <= j <= T - window (j >= sinks without a window). That is one key more than
+    ``reference.build_state`` folds: the kernel predates the ring of ``sinks + window`` keys."""
+    spec = reference.AttentionSpec(window=window, sinks=sinks, scaling=scaling)
+    out = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, spec, initial_state=(s0, z0), chunk_size=64)
+    batch, _, length, _ = fk.shape
+    position = torch.arange(length, device=fk.device)
+    folded = (position >= sinks) & (position <= length - max(window, 1))
+    S, z = reference.prefix_state(fk, v, folded.expand(batch, length))
+    return out, S + s0, z + z0
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)

@@ -2,7 +2,7 @@
 
 Each module holds one op, layered jit kernels -> launchers -> autograd.Function -> public function:
     hybrid                   chunked window + linear attention and plain causal linear attention
-    decode                   one decoding step on a ring-buffer state
+    decode                   one decoding step against a RecurrentState (ring of keys, S, z)
     attention_transfer_loss  tiled attention-weight cross-entropy (and output MSE)
 Their materialising PyTorch references are in ``linearize.kernels.reference``.
 
@@ -27,14 +27,14 @@ INTERPRETER_READY = KERNELS_AVAILABLE and (torch.cuda.is_available() or os.envir
 
 if KERNELS_AVAILABLE:
     from linearize.kernels.triton.attention_transfer_loss import attention_output_mse, attention_transfer_loss
-    from linearize.kernels.triton.decode import DecodeState, decode_step
+    from linearize.kernels.triton.decode import attend_state, decode_step
     from linearize.kernels.triton.hybrid import chunk_hybrid_attention, chunk_linear_attention
 
 __all__ = [
     "INTERPRETER_READY",
     "KERNELS_AVAILABLE",
-    "DecodeState",
     "attention_output_mse",
+    "attend_state",
     "attention_transfer_loss",
     "chunk_hybrid_attention",
     "chunk_linear_attention",

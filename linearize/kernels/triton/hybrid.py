@@ -534,9 +534,10 @@ def chunk_hybrid_attention(
         initial_state: optional (S [B, H, F, D], z [B, H, F]) added to the linear part; it gets gradients.
         eps: added to the denominator.
     Returns:
-        out [B, H, T, D] (fp32) and the final (S [B, H, F, D], z [B, H, F]) (fp32), folded like
-        ``reference.hybrid_attention_chunked``: keys sinks <= j <= T - window only (the others stay in
-        the softmax buffer of a ``RecurrentState``). Every input, including the state, gets gradients.
+        out [B, H, T, D] (fp32) and the final (S [B, H, F, D], z [B, H, F]) (fp32) over the keys
+        sinks <= j <= T - window (those that left the softmax part of a next query; the cache's
+        ``RecurrentState`` comes from ``reference.build_state``, which keeps one key more in its ring).
+        Every input, including the state, gets gradients.
 
     Example:
         >>> out, (S, z) = chunk_hybrid_attention(q, k, v, fq, fk, gamma, window=64, sinks=4, scaling=0.125)
