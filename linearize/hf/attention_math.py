@@ -57,12 +57,22 @@ EPS = 1e-6
 
 def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [B, Hx, T, d] @ weight [H, d, e] per head -> [B, H, T, e], where Hx = H (one input per head)
-    or Hx divides H (GQA keys per KV head, each read by H / Hx heads without being repeated)."""
-    heads, kv_heads = weight.shape[0], x.shape[1]
-    if kv_heads == heads:
-        return x @ weight
-    grouped = weight.view(kv_heads, heads // kv_heads, *weight.shape[1:])
-    return (x[:, :, None] @ grouped).flatten(1, 2)
+    or Hx divides H (GQA keys per KV head, each read by H / Hx heads without being repeated).
+
+    Few tokens in a batch (decode) run as one [Hx, B * T, d] GEMM per KV head: broadcasting the
+    weights over the batch would copy them for every row.
+    """
+    batch, kv_heads, length, dim = x.shape
+    heads, _, out = weight.shape
+    groups = heads // kv_heads
+    if batch == 1 or length >= out:
+        if groups == 1:
+            return x @ weight
+        return (x[:, :, None] @ weight.view(kv_heads, groups, dim, out)).flatten(1, 2)
+    rows = x.transpose(0, 1).reshape(kv_heads, batch * length, dim)
+    grouped = weight.view(kv_heads, groups, dim, out).transpose(1, 2).reshape(kv_heads, dim, groups * out)
+    y = (rows @ grouped).view(kv_heads, batch, length, groups, out)
+    return y.permute(1, 0, 3, 2, 4).reshape(batch, heads, length, out)
 
 
 def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
