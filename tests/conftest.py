@@ -22,3 +22,13 @@ def family(request) -> str:
 def tiny_model_folder(tmp_path_factory):
     """A saved tiny Llama with its tokenizer: a local model reference for CLI and recipe tests."""
     return save_tiny_model_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors, where threads only cost time (a lot on a busy
+    machine); the count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

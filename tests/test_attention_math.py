@@ -46,13 +46,7 @@ KV_HEADS = [pytest.param(H, id="mha"), pytest.param(H // 2, id="gqa")]
 FORMS = [("chunked", 1), ("chunked", 5), ("chunked", 64), ("continue", 1), ("continue", 4), ("continue", 64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only cost time (a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only cost time
 
 
 def make_inputs(length: int, feature_map: str, with_state: bool, kv_heads: int = H, seed: int = 0):

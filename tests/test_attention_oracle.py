@@ -41,13 +41,7 @@ HEADS, HEAD_DIM, VALUE_DIM, FEATURE_DIM = 3, 6, 5, 10
 GAMMA_LOGITS = [-1.2, 0.4, 2.0]  # per head: gamma = sigmoid(logit), about 0.23, 0.60, 0.88
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only cost time (a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only cost time
 
 
 def ws_id(window_sinks: tuple[int, int]) -> str:

@@ -7,8 +7,10 @@ Measured per (model, L, B):
 * prefill seconds (one forward over L tokens, filling the cache);
 * decode tokens/s (the mean over the decode steps, context L and growing);
 * peak memory: on CUDA the peak of allocated memory above what was allocated before; on CPU the
-  peak resident set size above the level before, sampled every millisecond (freed heap is handed
-  back to the OS first, so an earlier, longer run does not hide this one's allocations);
+  peak resident set size above the level before, sampled every 10 ms (freed heap is handed
+  back to the OS first, so an earlier, longer run does not hide this one's allocations; the
+  sampler holds the GIL while it reads, and every millisecond it slowed a Python-heavy decode
+  loop by up to 15%);
 * cache bytes after decoding: a linearized model's ``LinearizedCache.num_bytes()`` (recurrent
   states, plus keys/values of layers kept as softmax), a teacher's keys and values.
 
@@ -95,7 +97,7 @@ def position_limit(model: PreTrainedModel) -> int | None:
 class PeakMemory:
     """Context manager measuring peak memory growth of the block, on ``device``."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.001):
+    def __init__(self, device: torch.device, interval_s: float = 0.01):
         self.device, self.interval_s = device, interval_s
         self.peak_bytes = 0
 
@@ -195,7 +197,7 @@ def run_decode_benchmark(
 ) -> dict:
     """Measure every model at every length; returns ``{"settings": ..., "measurements": [...], "fork": [...]}``.
 
-    Batch 1 runs at every length; each batch size in ``batch_sizes`` above 1 at ``batch_lengths``
+    Batch 1 runs at every length; every batch size in ``batch_sizes`` (and 1) at ``batch_lengths``
     (default: the shortest length). Lengths run in increasing order, all models at one length before
     the next, so a run cut short still holds a complete comparison for the shorter contexts. With
     ``fork_samples`` > 0 the fork case runs last.
@@ -209,7 +211,7 @@ def run_decode_benchmark(
                         f"{fork_samples}, {fork_prompt} and {fork_tokens}")
     lengths = sorted(set(lengths))
     batch_lengths = sorted(set(batch_lengths or lengths[:1]))
-    cases = sorted({(n, 1) for n in lengths} | {(n, b) for n in batch_lengths for b in batch_sizes if b > 1})
+    cases = sorted({(n, 1) for n in lengths} | {(n, b) for n in batch_lengths for b in batch_sizes})
     longest = max([n for n, _ in cases] + ([fork_prompt] if fork_samples else []))
     for role, (model, _) in models.items():
         limit = position_limit(model)

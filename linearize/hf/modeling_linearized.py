@@ -433,7 +433,7 @@ class LinearizedCausalLMMixin:
         output = self(**inputs, cache=prompts, use_cache=True, fork_prompts=False)
         cache.adopt_rows(prompts, prompt_of_row)
         output["logits"] = output.logits.index_select(0, prompt_of_row)
-        output["past_key_values"] = cache
+        output["cache"] = cache
         return output
 
     def _decode_plan(self, cache, length: int) -> StepPlan | None:

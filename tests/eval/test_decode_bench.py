@@ -55,16 +55,16 @@ def test_batch_sizes_and_the_fork_case(tmp_path):
     tokenizer = tiny_tokenizer()
     models = {"teacher": (tiny_llama(), tokenizer),
               "student": (linearize.convert(tiny_llama(), attention="window_hedgehog", **SMALL_WINDOW), tokenizer)}
-    result = run_decode_benchmark(models, [24, 40], DECODE, batch_sizes=[3], fork_samples=3, fork_prompt=16,
-                                  fork_tokens=2)
+    result = run_decode_benchmark(models, [24, 40], DECODE, batch_sizes=[3], batch_lengths=[32], fork_samples=3,
+                                  fork_prompt=16, fork_tokens=2)
     measured = {(m["model"], m["context_length"], m["batch"]): m for m in result["measurements"]}
-    assert set(measured) == {(role, n, b) for role in models for n, b in ((24, 1), (40, 1), (24, 3))}
+    assert set(measured) == {(role, n, b) for role in models for n, b in ((24, 1), (32, 1), (32, 3), (40, 1))}
     for role in models:  # three rows hold three times the cache of one
-        assert measured[(role, 24, 3)]["cache_bytes"] == 3 * measured[(role, 24, 1)]["cache_bytes"]
+        assert measured[(role, 32, 3)]["cache_bytes"] == 3 * measured[(role, 32, 1)]["cache_bytes"]
     assert [(f["model"], f["samples"], f["new_tokens"]) for f in result["fork"]] == [
         ("teacher", 3, 2), ("student", 3, 2)]
     assert all(f["seconds"] > 0 for f in result["fork"])
-    assert "| 24 | 3 |" in tables.decode_table(result["measurements"])
+    assert "| 32 | 3 |" in tables.decode_table(result["measurements"])
     assert "3 × 2" in tables.fork_table(result["fork"])
     assert plots.plot_decode(result["measurements"], tmp_path / "decode.png").stat().st_size > 0
 
