@@ -1,9 +1,9 @@
 """The generation cache of a linearized model.
 
-Linear layers keep a :class:`RecurrentState` whose size does not grow with the context (S, z and at
-most ``sink_tokens + window - 1`` keys); layers kept as softmax attention keep the usual growing
-key/value cache. The class plugs into ``transformers``' ``Cache`` so ``generate``, beam search and
-masks work unchanged.
+Linear layers keep a :class:`RecurrentState` whose size does not grow with the context ([S | z] and a
+ring of ``sink_tokens + window`` keys per KV head); layers kept as softmax attention keep the usual
+growing key/value cache. The class plugs into ``transformers``' ``Cache`` so ``generate``, beam
+search and masks work unchanged; ``adopt_rows`` copies a prefilled prompt's rows (forking).
 """
 
 from __future__ import annotations
