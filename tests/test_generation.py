@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testing import ALL_ATTENTIONS, SMALL_WINDOW, VOCAB, assert_close, converted
+from model_testing import (
+    ALL_ATTENTIONS,
+    SMALL_WINDOW,
+    TEACHERS,
+    VOCAB,
+    assert_close,
+    attention_attr,
+    converted,
+    decoder_layers,
+)
+from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 
 PROMPT, NEW = 9, 14  # the sequence outgrows window + sinks
@@ -202,3 +212,51 @@ def test_shared_prefix_state_continues_every_prompt(family):
         continued = model(suffixes, cache=cache, use_cache=True).logits
     full = full_forward_logits(model, torch.cat([prefix.expand(3, -1), suffixes], dim=1))
     assert_close("suffix logits", full[:, 11:], continued, atol=1e-4, rtol=0)
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Counts the torch functions called while ``active`` and the tensor elements they are given (a
+    structural measure of work; no timing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = False
+        self.count = self.elements = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            self.count += 1
+            self.elements += sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_step_work(model, family: str, length: int) -> tuple[int, int]:
+    """(torch calls, tensor elements) inside the attention modules during one decode step."""
+    torch.manual_seed(6)
+    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache()
+    calls = _TorchCalls()
+    hooks = []
+    for layer in decoder_layers(model):
+        attention = getattr(layer, attention_attr(family))
+        hooks.append(attention.register_forward_pre_hook(lambda *_: setattr(calls, "active", True)))
+        hooks.append(attention.register_forward_hook(lambda *_: setattr(calls, "active", False)))
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, VOCAB, (2, length)), cache=cache, use_cache=True)
+            with calls:
+                model(torch.randint(3, VOCAB, (2, 1)), cache=cache, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls.count, calls.elements
+
+
+@pytest.mark.parametrize("attention", ["hedgehog", "window_hedgehog"])
+def test_decode_step_work_does_not_grow_with_context(family, attention):
+    """A decode step's attention calls the same torch functions on tensors of the same sizes after 20
+    or 200 tokens: a constant amount of work per layer, whatever the context. The teacher's grows."""
+    student = converted(family, attention)
+    assert _attention_step_work(student, family, 20) == _attention_step_work(student, family, 200)
+    teacher = TEACHERS[family]()
+    teacher_work = [_attention_step_work(teacher, family, length)[1] for length in (20, 200)]
+    assert teacher_work[0] < teacher_work[1], "the measure is vacuous"
