@@ -3,7 +3,10 @@
 Every stage writes into the run directory and is skipped when its output is complete; a stage
 that was interrupted resumes from its last checkpoint. The same command runs on one process or
 under ``accelerate launch`` / ``torchrun`` (accelerate joins the processes; every process takes its
-share of each batch, evaluation and export happen on the main process).
+share of each batch, evaluation and export happen on the main process). Under FSDP
+(``accelerate launch --config_file recipes/accelerate/fsdp.yaml``) training shards the student in
+place; after each training stage every process rebuilds a whole student from the recipe and the
+stage's saved weights, so evaluation and export read an ordinary model.
 """
 
 from __future__ import annotations
@@ -16,18 +19,25 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 import linearize
 from linearize.attention_transfer import run_attention_transfer
 from linearize.convert import restore_softmax_layers
 from linearize.corpora import read_corpus
 from linearize.data import build_blocks
-from linearize.eval import chunk_tokens, perplexity
+from linearize.eval import chunk_tokens, perplexity, report
+from linearize.eval.sampling import SamplingSettings, run_sampling
 from linearize.finetune import add_lora, merge_lora, run_finetune
 from linearize.generation import generate_answer
 from linearize.recipe import Recipe, RecipeError, dump_recipe
-from linearize.training import atomic_save_tensors, atomic_write_text, load_trainable_state, trainable_state
+from linearize.training import (
+    atomic_save_tensors,
+    atomic_write_text,
+    check_accelerator,
+    gather_trainable_state,
+    load_trainable_state,
+)
 
 # run.precision -> the dtype of the frozen weights; new parameters keep fp32 masters (see convert).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,8 +83,9 @@ def _stage_done(stage_dir: Path) -> dict | None:
 
 
 def _finish_stage(stage_dir: Path, model, summary: dict, accelerator: Accelerator) -> None:
+    weights = gather_trainable_state(model)
     if accelerator.is_main_process:
-        atomic_save_tensors(trainable_state(model), stage_dir / "weights.safetensors")
+        atomic_save_tensors(weights, stage_dir / "weights.safetensors")
         atomic_write_text(stage_dir / "done.json", json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
@@ -89,13 +100,17 @@ def run_recipe(recipe: Recipe) -> dict:
     """Run every stage of ``recipe``; returns the run's metrics."""
     precision = recipe.run.precision
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no" if precision == "fp32" else precision)
+    check_accelerator(accelerator)
+    # FSDP shards a trained model in place: what follows a training stage needs a whole one (rebuilt_student).
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     main = accelerator.is_main_process
     run_dir = Path(recipe.run.output_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
         info = {"linearize": linearize.__version__, "git_commit": _git_commit(), "command": sys.argv,
-                "processes": accelerator.num_processes, "torch": torch.__version__}
+                "processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
+                "torch": torch.__version__}
         atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
     accelerator.wait_for_everyone()
     set_seed(recipe.run.seed)
@@ -104,10 +119,10 @@ def run_recipe(recipe: Recipe) -> dict:
     teacher, tokenizer = linearize.load(recipe.model.ref, dtype=DTYPES[precision])
     _check_context(recipe, teacher)
     teacher.to(accelerator.device)
-    blocks = build_blocks(recipe.data, tokenizer, recipe.run.seed)
+    blocks = build_blocks(recipe.data, tokenizer, recipe.run.seed, run_dir / "data", accelerator)
     accelerator.print(
         f"data: {len(blocks.train)} training and {len(blocks.validation)} validation blocks of "
-        f"{recipe.data.block_length} tokens"
+        f"{recipe.data.block_length} tokens (cached in {run_dir / 'data'})"
     )
     record = RunRecord(run_dir / "metrics.json", write=main)
     chunks = None
@@ -123,9 +138,20 @@ def run_recipe(recipe: Recipe) -> dict:
                                                                       recipe.eval.max_new_tokens))
         accelerator.wait_for_everyone()
 
+    def convert_teacher(model):
+        return linearize.convert(model, attention=recipe.attention.name, seed=recipe.run.seed,
+                                 **recipe.attention.options())
+
+    def rebuilt_student(transfer: dict | None):
+        """A whole student: the teacher converted afresh, with the attention-transfer weights if that stage is done."""
+        student = convert_teacher(linearize.load(recipe.model.ref, dtype=DTYPES[precision])[0].to(accelerator.device))
+        if transfer is not None:
+            load_trainable_state(student, run_dir / "attention_transfer" / "weights.safetensors")
+            restore_softmax_layers(student, transfer["auto_softmax_layers"])
+        return student
+
     evaluate("teacher", teacher)
-    student = linearize.convert(teacher, attention=recipe.attention.name, seed=recipe.run.seed,
-                                **recipe.attention.options())
+    student = convert_teacher(teacher)
     evaluate("untrained", student)
 
     # Attention transfer: train the new parameters layer by layer.
@@ -143,9 +169,10 @@ def run_recipe(recipe: Recipe) -> dict:
         done = {"first": result.first, "best": result.best, "steps": result.steps, "seconds": result.seconds,
                 "auto_softmax_layers": keep}
         _finish_stage(stage_dir, student, done, accelerator)
-    elif done is not None:
+        if sharded:
+            student = rebuilt_student(done)
+    if done is not None:  # the stage's saved weights, however we got here (a no-op right after training)
         load_trainable_state(student, stage_dir / "weights.safetensors")
-    if done is not None:
         restore_softmax_layers(student, done["auto_softmax_layers"])
         evaluate("distilled", student)
 
@@ -154,18 +181,22 @@ def run_recipe(recipe: Recipe) -> dict:
     section = recipe.finetune
     finetune_done = _stage_done(stage_dir)
     if section.enabled and section.steps > 0:
-        for parameter in student.parameters():
-            parameter.requires_grad_(False)
-        set_seed(recipe.run.seed + 1)  # LoRA's initialisation must not depend on what ran before
-        adapted = add_lora(student, section.lora)
+        def adapters_on(model):
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            set_seed(recipe.run.seed + 1)  # LoRA's initialisation must not depend on what ran before
+            return add_lora(model, section.lora)
+
+        adapted = adapters_on(student)
         if finetune_done is None:
             result = run_finetune(accelerator, adapted, blocks.train, blocks.validation, section, stage_dir,
                                   seed=recipe.run.seed, log_every=recipe.run.log_every)
             finetune_done = {"first": result.first, "best": result.best, "steps": result.steps,
                              "seconds": result.seconds}
             _finish_stage(stage_dir, adapted, finetune_done, accelerator)
-        else:
-            load_trainable_state(adapted, stage_dir / "weights.safetensors")
+            if sharded:
+                adapted = adapters_on(rebuilt_student(done))
+        load_trainable_state(adapted, stage_dir / "weights.safetensors")
         student = merge_lora(adapted)
         evaluate("finetuned", student)
 
@@ -174,10 +205,27 @@ def run_recipe(recipe: Recipe) -> dict:
         if not (export_dir / "config.json").is_file():
             linearize.export(student, tokenizer, export_dir, overwrite=export_dir.exists(), metrics=record.values,
                              extra_files={"recipe.resolved.yaml": dump_recipe(recipe)})
+    if main and recipe.eval.sampling.tasks:
+        _sample_against_teacher(recipe, student, tokenizer, run_dir / "eval")
     accelerator.wait_for_everyone()
     if main:
         _print_summary(recipe, record.values, done, finetune_done, time.perf_counter() - started)
     return record.values
+
+
+def _sample_against_teacher(recipe: Recipe, student, tokenizer, eval_dir: Path) -> None:
+    """``eval.sampling``: repeated sampling of the final student and a freshly loaded teacher."""
+    section = recipe.eval.sampling
+    settings = SamplingSettings(
+        tasks=tuple(section.tasks), default_samples=section.samples, default_limit=section.limit,
+        temperature=section.temperature, top_p=section.top_p, max_new_tokens=section.max_new_tokens,
+        batch_size=section.batch_size, seed=recipe.run.seed,
+    )
+    teacher = linearize.load(recipe.model.ref, dtype=DTYPES[recipe.run.precision])[0].to(student.device)
+    references = {"teacher": recipe.model.ref, "student": str(recipe.export_dir)}
+    sampling = run_sampling({"teacher": (teacher, tokenizer), "student": (student, tokenizer)}, references,
+                            settings, eval_dir)
+    print(report.write_sampling(eval_dir, sampling))
 
 
 def _print_summary(recipe: Recipe, values: dict, transfer: dict | None, finetune: dict | None, seconds: float) -> None:

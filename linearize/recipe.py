@@ -9,6 +9,7 @@ combination — raises one :class:`RecipeError` naming the field, the value and 
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from linearize.convert.presets import ATTENTION_PRESETS, attention_options
 from linearize.corpora import CORPORA
 from linearize.errors import UserError
+from linearize.eval.sampling_tasks import TASKS as SAMPLING_TASKS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -97,12 +99,16 @@ class DataSource(Section):
     """One training text source.
 
     ``type``: ``corpus`` (a shipped corpus by ``name``), ``text`` (a plain-text file at ``path``),
-    ``jsonl`` (one JSON object per line at ``path``; ``text_field`` holds the text, or
-    ``instruction_field``/``response_field`` hold a chat turn rendered with the chat template), or
-    ``hf`` (a Hugging Face dataset ``name``/``config``/``split``, where a hub is reachable).
+    ``jsonl`` (one JSON object per line at ``path``), or a table of rows read with ``datasets``:
+    ``hf`` (a Hugging Face dataset ``name``/``config``/``split``, streamed from the hub), ``disk`` (a
+    folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``, then ``split`` picks
+    one) or ``parquet`` (a .parquet file, a folder of them, or a glob, at ``path``). In records and
+    rows ``text_field`` holds the text, or ``instruction_field``/``response_field`` hold a chat turn
+    rendered with the chat template. ``max_documents`` keeps the first N documents; streamed
+    sources read no further.
     """
 
-    type: Literal["corpus", "text", "jsonl", "hf"]
+    type: Literal["corpus", "text", "jsonl", "hf", "disk", "parquet"]
     name: str | None = None
     config: str | None = None  # hf: the dataset's configuration, e.g. "sample-10BT"
     path: str | None = None
@@ -112,17 +118,36 @@ class DataSource(Section):
     response_field: str | None = None
     max_documents: PositiveInt | None = None
 
+    def parquet_files(self) -> list[str]:
+        """parquet: the files ``path`` names (one file, every .parquet file under a folder, or a glob)."""
+        path = Path(self.path).expanduser()
+        if path.is_dir():
+            return sorted(str(file) for file in path.rglob("*.parquet"))
+        return sorted(glob.glob(str(path), recursive=True))
+
     @model_validator(mode="after")
     def _check(self) -> DataSource:
-        if self.type in ("text", "jsonl"):
-            if not self.path:
-                raise ValueError(f"a {self.type} source needs 'path'")
-            if not Path(self.path).expanduser().is_file():
-                raise ValueError(f"file {self.path!r} does not exist; fix: check the path")
+        if self.type in ("text", "jsonl", "disk", "parquet") and not self.path:
+            raise ValueError(f"a {self.type} source needs 'path'")
+        if self.type in ("text", "jsonl") and not Path(self.path).expanduser().is_file():
+            raise ValueError(f"file {self.path!r} does not exist; fix: check the path")
+        if self.type == "disk" and not any((Path(self.path).expanduser() / marker).is_file()
+                                           for marker in ("state.json", "dataset_dict.json")):
+            raise ValueError(
+                f"{self.path!r} is not a folder written by save_to_disk (no state.json or dataset_dict.json); "
+                "fix: check the path, or use type parquet or jsonl for other files"
+            )
+        if self.type == "parquet" and not self.parquet_files():
+            raise ValueError(f"no .parquet files at {self.path!r}; fix: name a .parquet file, a folder of them or a glob")
         if self.type == "corpus" and self.name not in CORPORA:
             raise ValueError(f"unknown corpus {self.name!r}; shipped corpora: {sorted(CORPORA)}")
         if self.type == "hf" and not self.name:
             raise ValueError("an hf source needs 'name' (a dataset id)")
+        if self.type == "hf" and "[" in self.split:
+            raise ValueError(
+                f"an hf source is streamed, and a stream takes no split slice like {self.split!r}; "
+                "fix: give the plain split name and set max_documents"
+            )
         if (self.instruction_field is None) != (self.response_field is None):
             raise ValueError("instruction_field and response_field go together: set both or neither")
         return self
@@ -198,10 +223,31 @@ class FinetuneSection(TrainingSection):
     distill: DistillationSection = DistillationSection()
 
 
+class SamplingEvalSection(Section):
+    """Repeated sampling of the exported student against the teacher (``linearize bench sampling``'s
+    settings; results in ``<output_dir>/eval``). Off while ``tasks`` is empty."""
+
+    tasks: list[str] = []
+    samples: PositiveInt = 16
+    limit: PositiveInt | None = 20
+    temperature: PositiveFloat = 0.8
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: PositiveInt | None = None  # null: each task's own
+    batch_size: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingEvalSection:
+        unknown = sorted(set(self.tasks) - set(SAMPLING_TASKS))
+        if unknown:
+            raise ValueError(f"unknown sampling task(s) {unknown}; choose from {sorted(SAMPLING_TASKS)}")
+        return self
+
+
 class EvalSection(Section):
     perplexity_chunks: NonNegativeInt = 16
     prompt: str = "What is the capital of France?"
     max_new_tokens: PositiveInt = 24
+    sampling: SamplingEvalSection = SamplingEvalSection()
 
 
 class ExportSection(Section):

@@ -10,6 +10,10 @@ What it guarantees, for any loss:
 
 Checkpoints hold only what training changes (trainable weights, optimizer, scheduler, RNG states
 and counters): the frozen model is rebuilt from the recipe, so a checkpoint of an 8B model is small.
+Under FSDP2 (which accelerate applies to the module in place) only the frozen weights are sharded:
+the trainable ones stay whole on every process, as under DDP. Weights and optimizer state are
+gathered onto the main process with ``torch.distributed.checkpoint.state_dict`` and keyed by
+parameter name, so one checkpoint resumes on any number of processes, with or without FSDP.
 Every file is written to a temporary name and renamed.
 """
 
@@ -27,7 +31,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, is_torch_version
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from linearize.errors import UserError
@@ -49,13 +60,45 @@ def atomic_write_text(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+# Whole CPU tensors on the main process (empty dicts on the others), without the frozen weights.
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def check_accelerator(accelerator: Accelerator) -> None:
+    """Reject the FSDP settings the stages cannot train with (before any model is loaded)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not is_torch_version(">=", "2.7.0"):  # accelerate passes FSDP2 no ignored parameters before 2.7
+        raise UserError(f"FSDP training needs torch >= 2.7 (this is {torch.__version__}). Fix: upgrade torch, or use DDP")
+    if not accelerator.is_fsdp2:
+        raise UserError(
+            "FSDP version 1 replaces the model's parameters with flat shards that the training stages cannot "
+            "read. Fix: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/fsdp.yaml)"
+        )
+    if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        raise UserError(
+            "fsdp_cpu_ram_efficient_loading leaves the model empty on all processes but the first, and every "
+            "process converts its own copy. Fix: set fsdp_cpu_ram_efficient_loading: false in the accelerate config"
+        )
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that require gradients, by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def gather_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights as whole CPU tensors on the main process (empty on the others); every
+    process must call it (it gathers whatever is sharded)."""
+    gathered = get_model_state_dict(model, options=GATHERED)
+    # With tied embeddings the state dict names the frozen shared weight twice, and torch's
+    # frozen-parameter filter lets the second name (lm_head.weight) through: keep trainable names only.
+    return {name: tensor for name, tensor in gathered.items() if name in trainable_state(model)}
+
+
 def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
-    """Copy saved trainable weights into ``model``; every saved name must exist."""
+    """Copy saved trainable weights into ``model``; every saved name must exist. The parameters are
+    whole on every process (``train`` keeps them out of FSDP's shards)."""
     saved = load_file(path)
     parameters = dict(model.named_parameters())
     missing = sorted(set(saved) - set(parameters))
@@ -106,12 +149,17 @@ def _complete_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -131,8 +179,10 @@ def train(
     """Train the parameters of ``model`` that require grad; keep the best by validation ``metric``.
 
     ``loss_fn(model, batch)`` returns the loss to minimise and numbers to log; ``validate(model)``
-    returns metrics (lower ``metric`` is better) and must give the same numbers on every process.
-    On return ``model`` holds the best weights. Resumes from ``stage_dir/checkpoint`` when present.
+    returns metrics (lower ``metric`` is better); every process runs it, and the main process's
+    numbers decide. On return ``model`` holds the best weights. Resumes from ``stage_dir/checkpoint``
+    when present. Under FSDP (version 2, see ``check_accelerator``) accelerate shards ``model`` in
+    place, so ``model`` and the wrapped module are one object.
     """
     world = accelerator.num_processes
     per_process, remainder = divmod(section.batch_size, world * section.gradient_accumulation)
@@ -145,6 +195,15 @@ def train(
     checkpoint_dir = stage_dir / "checkpoint"
     best_path = stage_dir / "best.safetensors"
     parameters = list(trainable_state(model).values())
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        # FSDP2 reduces a group's gradients from hooks on the group's outputs, which the attention-transfer
+        # loss (read inside the layers) never passes through, so those gradients would be dropped without
+        # a word. The trainable parameters are small: FSDP shards only the frozen ones, and the trainable
+        # ones stay whole on every process with their gradients averaged below, as DDP would.
+        accelerator.state.fsdp_plugin.ignored_modules = [
+            module for module in model.modules() if any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
     wrapped, optimizer = accelerator.prepare(
         model, torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
     )
@@ -157,8 +216,11 @@ def train(
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=False)
         load_trainable_state(model, resume_from / "trainable.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None:  # fp16 loss scaling
+            accelerator.scaler.load_state_dict(state["scaler"])
         _set_rng_state(torch.load(resume_from / f"rng_{accelerator.process_index}.pt", weights_only=False))
         step, best, first, history_seconds = state["step"], state["best"], state["first"], state["seconds"]
         accelerator.print(f"{description}: resuming at step {step}/{section.steps}")
@@ -171,13 +233,15 @@ def train(
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         accelerator.wait_for_everyone()
-        torch.save(_rng_state(), staging / f"rng_{accelerator.process_index}.pt")
+        torch.save(rng_at_step, staging / f"rng_{accelerator.process_index}.pt")
+        trainable = gather_trainable_state(model)
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=GATHERED)
         if accelerator.is_main_process:
-            save_file({n: t.detach().cpu().contiguous() for n, t in trainable_state(model).items()},
-                      staging / "trainable.safetensors")
+            atomic_save_tensors(trainable, staging / "trainable.safetensors")
             torch.save(
                 {"step": step, "best": best, "first": first, "seconds": history_seconds + time.perf_counter() - started,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                 "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
                 staging / "state.pt",
             )
         accelerator.wait_for_everyone()
@@ -196,12 +260,15 @@ def train(
         with torch.no_grad():
             metrics = validate(model)
         model.train()
+        # One verdict for all: processes whose numbers differ in the last bit must not part ways below.
+        metrics = broadcast_object_list([metrics])[0]
         first = first or metrics
         log({"step": step, "validation": metrics})
         if best is None or metrics[metric] < best[metric]:
             best = metrics
+            trainable = gather_trainable_state(model)
             if accelerator.is_main_process:
-                atomic_save_tensors(trainable_state(model), best_path)
+                atomic_save_tensors(trainable, best_path)
         accelerator.wait_for_everyone()
 
     log_path = stage_dir / "log.jsonl"
@@ -215,6 +282,9 @@ def train(
     model.train()
     if first is None:
         run_validation()
+    # The RNG states at the start of step ``step``: a Ctrl-C mid-step must not save states that the
+    # interrupted step (dropout, say) already advanced, or the replayed step would draw differently.
+    rng_at_step = _rng_state()
     progress = tqdm(
         total=section.steps, initial=step, desc=description, unit="step", disable=not accelerator.is_main_process,
     )
@@ -233,10 +303,14 @@ def train(
                     accelerator.backward(loss / section.gradient_accumulation)
                 for key, value in numbers.items():
                     logged[key] = logged.get(key, 0.0) + value / section.gradient_accumulation
+            if fsdp:
+                for parameter in parameters:
+                    parameter.grad = accelerator.reduce(parameter.grad, "mean")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            rng_at_step = _rng_state()
             window_steps += 1
             reduced = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
                        for k, v in logged.items()}

@@ -127,13 +127,20 @@ def test_finished_run_is_skipped_and_export_reloads_exactly(tmp_path, tiny_model
     recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
     recipe["finetune"]["distill"] = {"weight": 0.5, "temperature": 2.0}
     recipe["eval"]["perplexity_chunks"] = 2
+    recipe["eval"]["sampling"] = {"tasks": ["arithmetic"], "samples": 2, "limit": 2, "max_new_tokens": 2,
+                                  "batch_size": 2}
     path = write_recipe(tmp_path, recipe)
     run_to_end(path)
     export = tmp_path / "run" / "export"
     stamp = (export / "model.safetensors").stat().st_mtime_ns
+    samples = tmp_path / "run" / "eval" / "sampling_samples.jsonl"
+    sampled = samples.read_text()
     rerun = subprocess.run(linearize_command("run", str(path)), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "attention transfer:" not in rerun.stderr, "finished stages must be skipped"
     assert (export / "model.safetensors").stat().st_mtime_ns == stamp
+    assert samples.read_text() == sampled, "kept samples must not be drawn again"
+    sampling = json.loads((tmp_path / "run" / "eval" / "sampling.json").read_text())
+    assert sampling["settings"]["temperature"] == 0.8 and sampling["tasks"]["arithmetic"]["student"]["problems"] == 2
 
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "linearized_llama" and "recipe.resolved.yaml" in os.listdir(export)

@@ -74,3 +74,43 @@ def test_qwen2_per_layer_sliding_window_is_the_teachers():
         with transfer_mode(student, with_losses=False):
             actual = student(ids, attention_mask=mask, use_cache=False).logits
     assert_close("logits", expected[mask.bool()], actual[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["left-padded", "right-padded", "jrt-state", "teacher-window"])
+def test_tiled_transfer_losses_equal_the_reference(case):
+    """The Triton path of the transfer losses (interpreter on CPU) takes padding, a JRT prefix state
+    with unscored prefix queries and a teacher sliding window, and gives the reference's losses,
+    teacher output and feature-map gradients."""
+    from linearize.attention_transfer.losses import transfer_losses
+
+    _, core = linear_attention_layers(converted("llama", "window_hedgehog"))[0]
+    torch.manual_seed(3)
+    batch, heads, length, dim = 2, 4, 21, 12
+    q, k, v = (torch.randn(batch, heads, length, dim) for _ in range(3))
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    initial, scored = None, None
+    if case == "left-padded":
+        valid[1, :5] = False
+    elif case == "right-padded":
+        valid[0, -4:] = False
+    elif case == "jrt-state":
+        features = core.feature_map_k(k).shape[-1]
+        initial = (torch.randn(batch, heads, features, dim), torch.rand(batch, heads, features) + 1)
+        scored = torch.ones_like(valid)
+        scored[:, :6] = False
+    else:
+        core.teacher_window = 9
+    results = {}
+    for backend in ("torch", "triton"):
+        core.zero_grad()
+        losses, teacher_out = transfer_losses(core, q, k, v, valid, initial, True, scored, backend=backend)
+        (losses["xent"] + losses["mse"]).backward()
+        grads = {name: p.grad.clone() for name, p in core.named_parameters() if p.grad is not None}
+        results[backend] = (losses, teacher_out, grads)
+    (ref_losses, ref_out, ref_grads), (losses, out, grads) = results["torch"], results["triton"]
+    for name in ("xent", "mse"):
+        assert_close(name, ref_losses[name], losses[name], atol=1e-5, rtol=1e-5)
+    assert_close("teacher output", ref_out, out, atol=1e-5, rtol=0)
+    assert ref_grads and set(grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        assert_close(f"d{name}", grad, grads[name], atol=1e-5, rtol=1e-4)

@@ -5,8 +5,9 @@
     linearize eval EXPORT [--teacher REF] --tasks T     lm-eval tasks, perplexity, recall; report.md
     linearize bench kernels --out DIR                   kernel speed vs softmax attention
     linearize bench decode MODEL [--teacher REF]        prefill/decode speed, memory, cache size
+    linearize bench sampling MODEL [--teacher REF]      coverage@k vs seconds on verifiable tasks
 
-Modules: ``convert``, ``run``, ``eval`` (``eval`` and ``bench decode``), ``bench`` (``bench kernels``)
+Modules: ``convert``, ``run``, ``eval`` (``eval``, ``bench decode`` and ``bench sampling``), ``bench`` (``bench kernels``)
 and ``arguments`` (argparse types they share). These modules import the library; no library module
 imports them.
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     bench_command.register(bench_kinds)
     eval_command.register_bench(bench_kinds)
+    eval_command.register_bench_sampling(bench_kinds)
     return parser
 
 

@@ -12,6 +12,7 @@ from linearize.cli.arguments import float_list, int_list, limit_spec
 from linearize.errors import UserError
 from linearize.eval.decode_bench import DEFAULT_LENGTHS
 from linearize.eval.recall import RecallSettings
+from linearize.eval.sampling import SamplingSettings
 from linearize.eval.tasks import GROUP
 
 DEFAULT_OUT = Path("runs/eval")
@@ -83,6 +84,36 @@ def register_bench(bench_kinds) -> None:
     _add_runtime_options(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
     parser.set_defaults(func=run_bench)
+
+
+def register_bench_sampling(bench_kinds) -> None:
+    parser = bench_kinds.add_parser(
+        "sampling", help="repeated sampling: coverage@k and majority vote@k against seconds, student vs teacher",
+        description="Sample N completions per problem of verifiable tasks (GSM8K, synthetic arithmetic) with MODEL "
+        "and optionally a teacher, alternating problem by problem; write sampling.json, sampling.md, "
+        "coverage_k.png, coverage_seconds.png and report.md to --out. Finished problems are kept in "
+        "sampling_samples.jsonl there: an interrupted run resumes.",
+    )
+    parser.add_argument("model", help="the student: an export folder, or any model reference")
+    parser.add_argument("--teacher", help="reference model sampled in the same run")
+    parser.add_argument("--tasks", default="gsm8k,arithmetic", help="comma-separated: gsm8k, arithmetic")
+    parser.add_argument("--samples", type=limit_spec, default=(SamplingSettings.default_samples, {}),
+                        help="samples per problem, with per-task overrides: 16,arithmetic=64 (default 16); "
+                        "coverage is reported for k = 1, 2, 4, ... up to it")
+    parser.add_argument("--limit", type=limit_spec, default=(None, {}),
+                        help="problems per task, with per-task overrides: 20,arithmetic=100 "
+                        "(default: all 1319 of GSM8K, 100 sums)")
+    parser.add_argument("--temperature", type=float, default=SamplingSettings.temperature)
+    parser.add_argument("--top-p", type=float, default=SamplingSettings.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per completion (default: each task's own, gsm8k 192, arithmetic 8)")
+    parser.add_argument("--batch-size", type=int, default=SamplingSettings.batch_size,
+                        help="samples per generate() call (num_return_sequences)")
+    parser.add_argument("--seed", type=int, default=SamplingSettings.seed)
+    _add_runtime_options(parser)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
+    parser.add_argument("--update-model-card", action="store_true", help="write the summary into the export's README.md")
+    parser.set_defaults(func=run_bench_sampling)
 
 
 def _roles(args: argparse.Namespace) -> dict[str, str]:
@@ -176,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n\n".join(report.result_sections(results, None)))
     print(f"\nwrote {path}")
     if args.update_model_card:
-        card = report.update_model_card(args.model, results, report.read_json(args.out / report.DECODE_FILE))
+        card = report.update_model_card(args.model, results, report.read_json(args.out / report.DECODE_FILE),
+                                        report.read_json(args.out / report.SAMPLING_FILE))
         print(f"updated {card}")
     return 0
 
@@ -202,4 +234,29 @@ def run_bench(args: argparse.Namespace) -> int:
     path = report.write_report(args.out)
     print(table)
     print(f"\nwrote {args.out / report.DECODE_FILE}, {args.out / 'decode.md'}, {args.out / 'decode.png'} and {path}")
+    return 0
+
+
+def run_bench_sampling(args: argparse.Namespace) -> int:
+    from linearize.eval import report
+    from linearize.eval.sampling import run_sampling
+
+    (samples, task_samples), (limit, task_limits) = args.samples, args.limit
+    settings = SamplingSettings(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), default_samples=samples,
+        samples=task_samples, default_limit=limit, limits=task_limits, temperature=args.temperature,
+        top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+    )
+    settings.validate()
+    roles = _roles(args)
+    device = _runtime(args)
+    models = {role: _load(reference, device) for role, reference in roles.items()}
+    sampling = run_sampling(models, roles, settings, args.out)
+    print(report.write_sampling(args.out, sampling))
+    print(f"\nwrote {args.out / report.SAMPLING_FILE}, sampling.md, coverage_k.png, coverage_seconds.png and "
+          f"{report.REPORT_FILE} in {args.out}")
+    if args.update_model_card:
+        card = report.update_model_card(args.model, report.read_json(args.out / report.EVAL_FILE),
+                                        report.read_json(args.out / report.DECODE_FILE), sampling)
+        print(f"updated {card}")
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from linearize.corpora import read_corpus
 from linearize.errors import UserError
+from linearize.eval.machine import machine_settings, synchronize
 from linearize.eval.perplexity import chunk_tokens
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
@@ -139,10 +139,6 @@ def _release_free_heap() -> None:
         pass  # not glibc: RSS growth may then under-count reuse of already-freed memory
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, role: str) -> DecodeMeasurement:
@@ -151,16 +147,16 @@ def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, ro
     prompt = prompt.to(device)
     with PeakMemory(device) as memory:
         cache = new_cache(model)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
-        _synchronize(device)
+        synchronize(device)
         prefill_seconds = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(decode_tokens):
             next_token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             logits = model(input_ids=next_token, cache=cache, use_cache=True).logits
-        _synchronize(device)
+        synchronize(device)
         decode_seconds = time.perf_counter() - started
     return DecodeMeasurement(
         model=role, context_length=prompt.shape[1], prefill_seconds=prefill_seconds,
@@ -179,13 +175,13 @@ def measure_fork(
     prompt = prompt.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(0)
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     model.generate(
         prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
         num_return_sequences=samples, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
     )
-    _synchronize(device)
+    synchronize(device)
     return ForkMeasurement(model=role, prompt_length=prompt.shape[1], samples=samples, new_tokens=new_tokens,
                            seconds=time.perf_counter() - started)
 
@@ -246,14 +242,9 @@ def run_decode_benchmark(
         if progress:
             print(f"{role}: {fork_samples} samples x {fork_tokens} tokens from {fork_prompt}: {result.seconds:.2f}s",
                   flush=True)
-    parameter = next(next(iter(models.values()))[0].parameters())
     settings = {
         "lengths": lengths, "decode_tokens": decode_tokens, "batch_sizes": batch_sizes, "batch_lengths": batch_lengths,
         "fork": {"samples": fork_samples, "prompt": fork_prompt, "new_tokens": fork_tokens} if fork_samples else None,
-        "prompt": "WikiText-2 test text", "device": str(parameter.device), "dtype": str(parameter.dtype),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "torch_version": torch.__version__,
+        "prompt": "WikiText-2 test text", **machine_settings(next(iter(models.values()))[0]),
     }
-    if parameter.device.type == "cuda":
-        settings["gpu"] = torch.cuda.get_device_name(parameter.device)
     return {"settings": settings, "measurements": measurements, "fork": forks}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -89,3 +90,38 @@ def _save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_sampling(sampling: dict, by_k: Path, by_seconds: Path) -> tuple[Path, Path]:
+    """Two figures, one panel per task: coverage (solid; fitted power law dotted) and majority vote
+    (dashed) against k; coverage against wall-clock seconds, teacher and student on the same axes."""
+    tasks = list(sampling["tasks"])
+    paths = []
+    for x, path in (("k", by_k), ("seconds", by_seconds)):
+        figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        for axis, task in zip(axes[0], tasks):
+            for role in MODELS:
+                result = sampling["tasks"][task].get(role)
+                if result is None:
+                    continue
+                points = result["points"]
+                xs = [p[x] for p in points]
+                axis.plot(xs, [p["coverage"] for p in points], marker="o", label=f"{role} coverage", **STYLE[role])
+                if x == "k":
+                    axis.plot(xs, [p["majority"] for p in points], linestyle="--", marker=".",
+                              label=f"{role} majority vote", **STYLE[role])
+                    if result["fit"]:
+                        a, b = result["fit"]["a"], result["fit"]["b"]
+                        axis.plot(xs, [math.exp(a * k**b) for k in xs], linestyle=":", **STYLE[role])
+            axis.set(title=task, xlabel="samples per problem (k)" if x == "k" else "wall-clock seconds (all problems)",
+                     ylabel="fraction of problems", ylim=(-0.02, 1.02))
+            if x == "k":
+                _length_axis(axis, [p["k"] for role in MODELS if role in sampling["tasks"][task]
+                                    for p in sampling["tasks"][task][role]["points"]])
+            else:
+                axis.set_xscale("log")
+            axis.legend(fontsize=7)
+        figure.suptitle("repeated sampling: coverage@k" + (" and majority vote@k (dotted: power-law fit)"
+                                                           if x == "k" else " at equal wall-clock cost"))
+        paths.append(_save(figure, path))
+    return paths[0], paths[1]

@@ -113,3 +113,49 @@ def fork_table(forks: list[dict]) -> str:
         header.append("speedup")
         row.append(f"{by_role['teacher']['seconds'] / by_role['student']['seconds']:.2f}×")
     return markdown_table(header, [row])
+
+
+def sampling_tables(sampling: dict) -> str:
+    """Per task: coverage and majority vote at each k and the seconds they cost, per model; then the
+    power-law fits and where the coverage-vs-seconds curves cross."""
+    sections = []
+    for task, per_role in sampling["tasks"].items():
+        roles = [role for role in MODELS if role in per_role]
+        header = ["k"] + [f"{role} {column}" for role in roles for column in ("coverage", "majority", "seconds")]
+        by_k = {role: {p["k"]: p for p in per_role[role]["points"]} for role in roles}
+        rows = [
+            [str(k)] + [cell for role in roles for cell in (
+                _number(by_k[role][k]["coverage"], 3), _number(by_k[role][k]["majority"], 3),
+                f"{by_k[role][k]['seconds']:.1f}")]
+            for k in sorted(by_k[roles[0]])
+        ]
+        first = per_role[roles[0]]
+        lines = [f"**{task}**: {first['problems']} problems, {first['samples']} samples each.", "",
+                 markdown_table(header, rows), ""]
+        fits = []
+        for role in roles:
+            fit, result = per_role[role]["fit"], per_role[role]
+            fits.append([role, "–" if fit is None else f"{fit['a']:.3f}", "–" if fit is None else f"{fit['b']:.3f}",
+                         "–" if fit is None else f"{fit['rmse']:.4f}", f"{result['seconds']:.1f}", str(result["tokens"]),
+                         _number(result["samples_per_second"], 2)])
+        lines += [markdown_table(["model", "fit a", "fit b", "fit rmse", "seconds", "tokens", "samples/s"], fits)]
+        if "crossing" in per_role:
+            lines += ["", crossing_sentence(per_role["crossing"])]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def crossing_sentence(crossing: dict) -> str:
+    """Plain words for where the student's coverage-vs-seconds curve meets the teacher's."""
+    if crossing["range"] is None:
+        return "The two curves share no range of seconds, so they cannot be compared at equal cost."
+    lo, hi = crossing["range"]
+    span = f"between {lo:.1f} s and {hi:.1f} s"
+    if not crossing["crossings"]:
+        leader = crossing["leader"][0]
+        if leader == "tie":
+            return f"At equal seconds ({span}) the two curves coincide."
+        return f"The curves do not cross: at equal seconds ({span}) the {leader} covers more problems throughout."
+    points = ", ".join(f"{s:.1f} s" for s in crossing["crossings"])
+    order = " then ".join(crossing["leader"])
+    return f"At equal seconds ({span}) the curves cross at {points}; ahead: {order}."

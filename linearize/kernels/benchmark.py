@@ -207,13 +207,17 @@ def _plot(rows: list[dict], names: list[str], path: Path, title: str) -> bool:
     return True
 
 
-def run_kernel_benchmark(output_dir: Path, lengths: list[int] | None = None, device: str | None = None) -> dict:
+def run_kernel_benchmark(
+    output_dir: Path, lengths: list[int] | None = None, device: str | None = None, shape: BenchShape | None = None
+) -> dict:
     """Time the attention implementations and write kernels.{json,md,png} to ``output_dir``.
 
     Args:
         output_dir: where the results go (created if missing).
         lengths: sequence lengths; default 1k..16k on a GPU and 512..2k on a CPU.
         device: "cuda" or "cpu"; default CUDA when available.
+        shape: the sizes to time (e.g. Llama-3-8B heads, head_dim = value_dim = 128 with
+            feature_dim = 256); default ``GPU_SHAPE`` on a GPU, ``CPU_SHAPE`` on a CPU.
     Returns:
         {"device", "shape", "variants", "rows": [{"length", "mode", "ms": {variant: ms}, "speedup":
         {variant: sdpa ms / variant ms}}], "files"}. Times are None where a case ran out of memory.
@@ -222,7 +226,7 @@ def run_kernel_benchmark(output_dir: Path, lengths: list[int] | None = None, dev
     if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     on_gpu = device != "cpu"
-    shape = GPU_SHAPE if on_gpu else CPU_SHAPE
+    shape = shape or (GPU_SHAPE if on_gpu else CPU_SHAPE)
     lengths = lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS)
     variants = _variants(device)
     names = list(variants)

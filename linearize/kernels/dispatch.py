@@ -7,9 +7,11 @@ not cover.
 
 A fresh sequence (``hybrid_attention``) picks the cheapest exact form: on CPU
 ``reference.hybrid_attention_torch`` (quadratic up to ``QUADRATIC_MAX_LENGTH`` tokens, chunked
-beyond); on CUDA the fused chunked kernel,
-with padding packed out first, so lm-eval's right-padded (or any padded) batches use it too. A
-decode step (``hybrid_attention_decode``) is ``reference.advance_state`` plus the fused attention.
+beyond); on CUDA the fused chunked kernel, with left padding packed out first (right padding
+needs nothing), so lm-eval's right-padded (or any padded) batches use it too. A decode step
+(``hybrid_attention_decode``) is ``reference.advance_state`` plus the fused attention. The
+attention-transfer losses take padding, JRT's prefix state and the teacher's sliding window on
+both paths alike.
 
 The Triton package is imported on first use only, so the reference path works where it is missing.
 A bad backend choice is a ``UserError`` (a ValueError the CLI reports as one line); shapes that do
@@ -72,26 +74,39 @@ def _check_inputs(
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
+def uses_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` (auto, triton or torch) sends a call on ``x`` to the Triton kernels."""
     return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def _packed(valid: torch.Tensor | None, *tensors: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """``tensors`` [B, H, T, *] in the order the fused kernels need, which count positions by index:
+    each row's real tokens first (``reference.pack_left``), and that order [B, T]. Unpadded and
+    right-padded rows are already so (order None): causal attention never lets a real query see
+    the padding behind it."""
+    if valid is None or bool((valid[:, 1:] <= valid[:, :-1]).all()):
+        return None, list(tensors)
+    order = reference.pack_left(valid)
+    return order, [reference.permute_tokens(t, order) for t in tensors]
 
 
 def _hybrid_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, gamma: torch.Tensor,
     spec: AttentionSpec, valid: torch.Tensor | None, initial_state: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The fused kernel, which counts positions by index: padded rows are packed left first (real
-    tokens in front, so index = position; causal attention never lets a real query see the padding
-    behind it) and the outputs put back."""
-    kernels = _kernels()
-    options = dict(window=spec.window, sinks=spec.sinks, scaling=spec.scaling, initial_state=initial_state,
-                   eps=spec.eps)
-    if valid is None or bool(valid.all()):
-        return kernels.chunk_hybrid_attention(q, k, v, fq, fk, gamma, **options)[0]
-    order = reference.pack_left(valid)
-    packed = [reference.permute_tokens(t, order) for t in (q, k, v, fq, fk)]
-    out, _ = kernels.chunk_hybrid_attention(*packed, gamma, **options)
-    return reference.permute_tokens(out, order.argsort(dim=1))
+    """The fused kernel on the packed tokens, the outputs put back in place."""
+    order, packed = _packed(valid, q, k, v, fq, fk)
+    out, _ = _kernels().chunk_hybrid_attention(*packed, gamma, window=spec.window, sinks=spec.sinks,
+                                               scaling=spec.scaling, initial_state=initial_state, eps=spec.eps)
+    return out if order is None else reference.permute_tokens(out, order.argsort(dim=1))
+
+
+def _query_mask(
+    valid: torch.Tensor | None, scored: torch.Tensor | None, order: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The queries a loss averages over, real and ``scored``, in the packed ``order``; None: all."""
+    mask = valid if scored is None else (scored if valid is None else valid & scored)
+    return mask if mask is None or order is None else mask.gather(1, order)
 
 
 def hybrid_attention(
@@ -117,7 +132,7 @@ def hybrid_attention(
     """
     _check_backend(backend)
     _check_inputs(q, k, v, fq, fk, gamma, valid)
-    if _use_triton(backend, q):
+    if uses_triton(backend, q):
         if q.shape[2] > 0:
             return _hybrid_triton(q, k, v, fq, fk, gamma, spec, valid, initial_state)
         if backend == "triton":
@@ -167,7 +182,7 @@ def hybrid_attention_decode(
             f"the state has {slots} key slots but the spec (window={spec.window}, sinks={spec.sinks}) "
             f"needs {spec.capacity}: it was built for another layer or spec"
         )
-    if _use_triton(backend, q):
+    if uses_triton(backend, q):
         return _kernels().decode_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
     return reference.hybrid_attention_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
 
@@ -183,19 +198,35 @@ def attention_transfer_loss(
     window: int = 0,
     sinks: int = 0,
     eps: float = EPS,
+    valid: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sliding_window: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy from the teacher's causal softmax weights to the student's attention weights
-    (those of ``hybrid_attention_quadratic`` for window, sinks, gamma; gamma defaults to ones).
+    (those of ``hybrid_attention_quadratic`` for window, sinks, gamma; gamma defaults to ones): the
+    ``xent`` of ``reference.transfer_losses_naive``, with its ``valid``, ``scored``, ``initial_state``
+    and ``sliding_window`` (the teacher's).
 
-    Shapes: q, k [B, H, T, d]; fq, fk [B, H, T, F]; gamma [H]. Returns a scalar averaged over
-    queries. The Triton kernel is tiled (O(T) memory); the reference materialises [T, T].
+    Shapes: q, k [B, H, T, d]; fq, fk [B, H, T, F]; gamma [H]; valid, scored [B, T]; initial_state
+    (S [B, H, F, D], z [B, H, F]). Returns a scalar averaged over the real, scored queries and the
+    heads. The Triton kernel is tiled (O(T) memory; padding is packed out first); the reference
+    materialises [T, T].
     """
     _check_backend(backend)
-    options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
-    if _use_triton(backend, q):
-        return _kernels().attention_transfer_loss(q, k, fq, fk, gamma, **options)
-    return reference.attention_transfer_loss_naive(q, k, fq, fk, gamma, **options)
+    options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps, initial_state=initial_state)
+    if uses_triton(backend, q):
+        order, (q, k, fq, fk) = _packed(valid, q, k, fq, fk)
+        return _kernels().attention_transfer_loss(q, k, fq, fk, gamma, query_mask=_query_mask(valid, scored, order),
+                                                  teacher_window=sliding_window, **options)
+    if gamma is None:
+        gamma = torch.ones(q.shape[1], device=q.device)
+    if initial_state is not None:  # k stands in for the values, so S gets k's width (S only enters outputs)
+        options["initial_state"] = (fq.new_zeros(*fq.shape[:2], fq.shape[-1], k.shape[-1]), initial_state[1])
+    losses, _ = reference.transfer_losses_naive(q, k, k, fq, fk, gamma, valid=valid, scored=scored,
+                                                sliding_window=sliding_window, **options)
+    return losses["xent"]
 
 
 def attention_output_mse(
@@ -211,15 +242,27 @@ def attention_output_mse(
     window: int = 0,
     sinks: int = 0,
     eps: float = EPS,
+    valid: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Mean squared error between the student's attention output and ``teacher_out`` [B, H, T, D].
+    """Mean squared error between the student's attention output and ``teacher_out`` [B, H, T, D],
+    averaged over the real, ``scored`` queries and the heads (as ``reference.transfer_losses_naive``).
 
-    The Triton path runs the chunked kernel (O(T) memory); the reference runs the chunked reference.
+    Shapes as ``attention_transfer_loss``. The Triton path runs the chunked kernel (O(T) memory),
+    the reference the chunked reference.
     """
     _check_backend(backend)
     options = dict(scaling=scaling, window=window, sinks=sinks, eps=eps)
-    if _use_triton(backend, q):
-        return _kernels().attention_output_mse(q, k, v, fq, fk, gamma, teacher_out, **options)
-    out = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, AttentionSpec(**options))
-    return (out - teacher_out.float()).pow(2).mean()
+    if uses_triton(backend, q):
+        order, packed = _packed(valid, q, k, v, fq, fk, teacher_out)
+        return _kernels().attention_output_mse(*packed[:5], gamma, packed[5], initial_state=initial_state,
+                                               query_mask=_query_mask(valid, scored, order), **options)
+    out = reference.hybrid_attention_chunked(q, k, v, fq, fk, gamma, AttentionSpec(**options), valid=valid,
+                                             initial_state=initial_state)
+    per_query = (out - teacher_out.float()).pow(2).mean(dim=-1)
+    mask = _query_mask(valid, scored, None)
+    if mask is None:
+        return per_query.mean()
+    return (per_query * mask[:, None]).sum() / (mask.sum() * q.shape[1]).clamp_min(1)

@@ -98,14 +98,34 @@ def softmax_attention(
     """
     if valid is None:
         valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    allowed = softmax_mask(valid, sliding_window)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return weights, weights @ v.float()
+
+
+def softmax_mask(valid: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """[B, 1, T, T] bool: key j allowed for query i in the teacher's attention (``softmax_attention``'s rule)."""
     positions = token_positions(valid)
     query_pos, key_pos = positions[:, None, :, None], positions[:, None, None, :]
     allowed = (key_pos <= query_pos) & valid[:, None, None, :]
     if sliding_window is not None:
         allowed = allowed & (query_pos - key_pos < sliding_window)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    return weights, weights @ v.float()
+    return allowed
+
+
+def softmax_attention_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, valid: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The output of ``softmax_attention`` through SDPA (fused; no [T, T] weights kept), fp32."""
+    if bool(valid.all()) and sliding_window is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).float()
+    allowed = softmax_mask(valid, sliding_window)
+    # A query with no allowed key (left padding) gets zeros, as in softmax_attention, not NaN.
+    has_key = allowed.any(dim=-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scaling)
+    return out.float().masked_fill(~has_key, 0.0)
 
 
 def transfer_losses_naive(

@@ -1,6 +1,10 @@
-"""``triton.attention_transfer_loss`` against the materialising ``reference`` version, and the output MSE."""
+"""``triton.attention_transfer_loss`` against the materialising ``reference`` version, and the output MSE;
+through ``dispatch`` with padding, JRT's prefix state and the teacher's sliding window (also at
+Llama-3-8B head sizes with 256 features); a frozen teacher's q, k get no gradient kernel."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -9,6 +13,9 @@ from kernel_testing import DEVICE, PRECISIONS, assert_close, case_id, features, 
 from linearize.kernels import dispatch, reference
 from linearize.kernels.reference import attention_transfer_loss_naive
 from linearize.kernels.triton import attention_output_mse, attention_transfer_loss
+
+# The module, which the package's function of the same name hides.
+loss_module = importlib.import_module("linearize.kernels.triton.attention_transfer_loss")
 
 # (B, T, H, d, F, window, sinks): plain linear attention (gamma = 1) and window + linear hybrids.
 CASES = [
@@ -97,4 +104,84 @@ def test_attention_output_mse() -> None:
     ratio = tolerance(torch.float32)
     assert_close("mse", ref, tri, ratio)
     for name, r, t in zip(["dq", "dk", "dv", "dfq", "dfk", "dgamma"], grads(ref, ref_in), grads(tri, tri_in)):
+        assert_close(name, r, t, ratio)
+
+
+# (d, D, F), rows, with mse: small odd sizes with a left- and a right-padded row; and Llama-3-8B
+# heads with Hedgehog's 256 features (d in 2 tiles of 64, F in 4), xent only (mse is the hybrid
+# kernel, checked at these sizes in test_hybrid), one left-padded row, to keep the interpreter quick.
+PADDED_CASES = {"d24-D20-F12": ((24, 20, 12), 2, True), "d128-F256-xent": ((128, 16, 256), 1, False)}
+
+
+@pytest.mark.parametrize("case", PADDED_CASES.values(), ids=PADDED_CASES.keys())
+def test_losses_with_padding_prefix_state_and_teacher_window(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ``dispatch``, backend='triton' against the reference, with what attention transfer
+    meets: padded rows (T = 70, two query blocks), a JRT prefix state whose 5 prefix queries are not
+    scored, and a teacher with its own sliding window of 20. The losses and every gradient (the
+    state's too); the kernels must not fall back to the reference."""
+    (d, D, F), B, with_mse = case
+    T, H, window, sinks = 70, 1, 8, 2
+    torch.manual_seed(0)
+    inputs = [randn(B, H, T, d), randn(B, H, T, d), randn(B, H, T, D), features(B, H, T, F), features(B, H, T, F),
+              torch.rand(H, device=DEVICE), features(B, H, F, D), features(B, H, F)]
+    teacher_out = randn(B, H, T, D)
+    valid = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    valid[0, :9] = valid[1:, T - 6:] = False  # row 0 left-padded, row 1 right-padded
+    scored = reference.token_positions(valid) >= 5
+    options = dict(scaling=d**-0.5, window=window, sinks=sinks, valid=valid, scored=scored)
+
+    def losses(backend: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        q, k, v, fq, fk, gamma, s0, z0 = tensors = leaves(*inputs)
+        values = [dispatch.attention_transfer_loss(q, k, fq, fk, gamma, initial_state=(s0, z0), sliding_window=20,
+                                                   backend=backend, **options)]
+        if with_mse:
+            values.append(dispatch.attention_output_mse(q, k, v, fq, fk, gamma, teacher_out, initial_state=(s0, z0),
+                                                        backend=backend, **options))
+        return values, grads(sum(values), tensors)
+
+    ref_losses, ref_grads = losses("reference")
+    for form in ("transfer_losses_naive", "hybrid_attention_quadratic", "hybrid_attention_chunked"):
+        monkeypatch.setattr(dispatch.reference, form, None)
+    tri_losses, tri_grads = losses("triton")
+    ratio = tolerance(torch.float32)
+    for name, r, t in zip(["xent", "mse"], ref_losses, tri_losses):
+        assert_close(name, r, t, ratio)
+    for name, r, t in zip(["dq", "dk", "dv", "dfq", "dfk", "dgamma", "dS0", "dz0"], ref_grads, tri_grads):
+        assert_close(name, r, t, ratio)
+
+
+class _Launches:
+    """Wraps a kernel and records the WRT_FEATURES of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["WRT_FEATURES"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_frozen_teacher_gets_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention transfer: q, k frozen (the teacher's), the features and gamma train. dq and dk
+    are not computed (only the feature-gradient launches run); the rest match the reference."""
+    B, T, H, d, F = 1, 70, 2, 16, 20
+    torch.manual_seed(0)
+    inputs = [randn(B, H, T, d), randn(B, H, T, d), features(B, H, T, F), features(B, H, T, F),
+              torch.rand(H, device=DEVICE)]
+    options = dict(scaling=d**-0.5, window=8, sinks=2)
+    ref_in = leaves(*inputs)
+    q, k = inputs[:2]
+    fq, fk, gamma = leaves(*inputs[2:])
+    launches = {}
+    for name in ("_xent_bwd_query_kernel", "_xent_bwd_key_kernel"):
+        launches[name] = _Launches(getattr(loss_module, name))
+        monkeypatch.setattr(loss_module, name, launches[name])
+    attention_transfer_loss(q, k, fq, fk, gamma, **options).backward()
+    assert [w.seen for w in launches.values()] == [[True], [True]]
+    ref_grads = grads(attention_transfer_loss_naive(*ref_in, **options), ref_in)
+    ratio = tolerance(torch.float32)
+    for name, r, t in zip(["dfq", "dfk", "dgamma"], ref_grads[2:], (fq.grad, fk.grad, gamma.grad)):
         assert_close(name, r, t, ratio)

@@ -7,7 +7,8 @@ head and with GQA (two query heads per KV head). Checked:
 * each step's output, and the whole state after it ([S | z], ring keys and [v | 1], positions,
   seen), equal the reference's, for ring layouts from no softmax part to sinks outnumbering the
   window, starting from a ``build_state`` prefill with an initial (JRT) state; the kernel gets the
-  state exactly as ``build_state`` returns it, the reference a dense copy;
+  state exactly as ``build_state`` returns it, the reference a dense copy; also at Llama-3-8B head
+  sizes with 256 features and a ring of two slot blocks;
 * a row whose token is not valid keeps its state bit for bit;
 * a left-padded prompt prefilled by ``build_state``, then Triton steps with paused rows, gives
   the outputs of one ``hybrid_attention_quadratic`` pass and the state ``build_state`` gives;
@@ -34,9 +35,11 @@ HEADS = [pytest.param((3, 3), id="H3-Hkv3"), pytest.param((4, 2), id="H4-Hkv2")]
 d, D, F = 10, 12, 8
 
 
-def _layer(batch: int, length: int, heads: int, kv_heads: int, dtype: torch.dtype = torch.float32):
+def _layer(batch: int, length: int, heads: int, kv_heads: int, dtype: torch.dtype = torch.float32,
+           dims: tuple[int, int, int] = (d, D, F)):
     """Random q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], fq = phi(q), gamma [H], and the
     layer's ``key_features``: keys per KV head -> phi of them repeated to the query heads."""
+    d, D, F = dims
     torch.manual_seed(0)
     fmap = HedgehogFeatureMap(heads, d, F // 2).to(DEVICE).requires_grad_(False)
     fmap.weight.add_(0.5 * torch.randn_like(fmap.weight))
@@ -66,26 +69,39 @@ def _assert_same_state(label: str, ref: RecurrentState, tri: RecurrentState, rat
     assert torch.equal(ref.seen, tri.seen), f"{label}: token counts differ"
 
 
-@pytest.mark.parametrize("dtype", PRECISIONS)
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
-def test_decode_step_matches_reference(setting: tuple[int, int], heads: tuple[int, int], dtype: torch.dtype) -> None:
-    B, T, prefill = 2, 12, 3
-    q, k, v, fq, gamma, key_features = _layer(B, T, *heads, dtype=dtype)
-    spec = _spec(*setting)
+def _assert_steps_match(layer, spec: AttentionSpec, prefill: int, ratio: float) -> None:
+    """Prefill [0, prefill) with ``build_state`` (from an initial JRT state, as a model does), then
+    one step per token, Triton against the reference: outputs and the whole state after each."""
+    q, k, v, fq, gamma, key_features = layer
     prompt = slice(0, prefill)
-    initial = (features(B, heads[0], F, D), features(B, heads[0], F))
+    heads, feat, value_dim = q.shape[1], fq.shape[-1], v.shape[-1]
+    initial = (features(q.shape[0], heads, feat, value_dim), features(q.shape[0], heads, feat))
     tri_state = reference.build_state(k[:, :, prompt], v[:, :, prompt], key_features(k[:, :, prompt]), spec,
                                       initial_state=initial)  # as a model's prefill leaves it
     ref_state = _copy(tri_state)
-    ratio = tolerance(dtype)
-    for t in range(prefill, T):
+    for t in range(prefill, q.shape[2]):
         token = slice(t, t + 1)
         args = (q[:, :, token], k[:, :, token], v[:, :, token], fq[:, :, token], gamma)
         ref_out = reference.hybrid_attention_step(*args, ref_state, spec, key_features)
         tri_out = decode_step(*args, tri_state, spec, key_features)
         assert_close(f"out[{t}]", ref_out, tri_out, ratio)
         _assert_same_state(f"state after token {t}", ref_state, tri_state, ratio)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+def test_decode_step_matches_reference(setting: tuple[int, int], heads: tuple[int, int], dtype: torch.dtype) -> None:
+    _assert_steps_match(_layer(2, 12, *heads, dtype=dtype), _spec(*setting), 3, tolerance(dtype))
+
+
+def test_decode_step_at_wide_heads() -> None:
+    """d = D = 128 and F = 256 (Llama-3-8B heads, Hedgehog's features: the grid splits D in 2
+    tiles, each program loops over 2 key and 4 feature tiles) with a ring of 68 slots (window 64
+    and 4 sinks: two slot blocks) full after a 70-token prefill."""
+    wide = (128, 128, 256)
+    spec = AttentionSpec(window=64, sinks=4, scaling=wide[0] ** -0.5)
+    _assert_steps_match(_layer(1, 72, 2, 1, dims=wide), spec, 70, tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)

@@ -2,7 +2,8 @@
 
 * a fresh sequence under backend='triton' gives the reference's output and gradients (inputs,
   gamma, initial state), unpadded and with left, right and two-sided padding in one batch, which
-  the kernel runs by packing the padding out (no fallback to the reference);
+  the kernel runs by packing the padding out (no fallback to the reference); a right-padded batch
+  without a state needs no packing at all;
 * Triton prefill, ``build_state``, then Triton decode steps (GQA, a real feature map) equal one
   reference pass; decoding dispatches to the same step on every backend;
 * backend='auto' is the reference on CPU (quadratic up to ``reference.QUADRATIC_MAX_LENGTH``,
@@ -87,6 +88,32 @@ def test_triton_with_padding_matches_reference(setting: tuple[int, int, int], mo
     for form in ("hybrid_attention_torch", "hybrid_attention_quadratic", "hybrid_attention_chunked"):
         monkeypatch.setattr(dispatch.reference, form, None)  # the kernel must not fall back
     tri_out, tri_grads = _outputs_and_grads(inputs, _spec(window, sinks), _padding(T), "triton")
+    ratio = tolerance(torch.float32)
+    assert_close("out", ref_out, tri_out, ratio)
+    for name, r, t in zip(GRAD_NAMES, ref_grads, tri_grads):
+        assert_close(name, r, t, ratio)
+
+
+def test_right_padded_batch_without_state_runs_the_kernel_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's batches: right padding only, no initial state. The kernel takes them unpermuted
+    (no packing, no fallback) and matches the reference on the real queries, gradients included."""
+    T, window, sinks = 70, 16, 2
+    torch.manual_seed(0)
+    inputs = _inputs(2, T, 2)
+    valid = torch.ones(2, T, dtype=torch.bool, device=DEVICE)
+    valid[1, T - 9:] = False
+    spec = _spec(window, sinks)
+
+    def run(backend: str):
+        tensors = leaves(*inputs)
+        out = dispatch.hybrid_attention(*tensors, spec, valid=valid, backend=backend) * valid[:, None, :, None]
+        return out, grads((out * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum(), tensors)
+
+    ref_out, ref_grads = run("reference")
+    for name in ("hybrid_attention_torch", "hybrid_attention_quadratic", "hybrid_attention_chunked", "pack_left",
+                 "permute_tokens"):
+        monkeypatch.setattr(dispatch.reference, name, None)  # any use would fail
+    tri_out, tri_grads = run("triton")
     ratio = tolerance(torch.float32)
     assert_close("out", ref_out, tri_out, ratio)
     for name, r, t in zip(GRAD_NAMES, ref_grads, tri_grads):

@@ -1,5 +1,6 @@
 """``triton.hybrid`` against ``reference.hybrid_attention_chunked``: outputs, the kernels' final
-(S, z) (in their own convention, see ``_reference``), every gradient."""
+(S, z) (in their own convention, see ``_reference``), every gradient, at small odd sizes and at
+Llama-3-8B head sizes with Hedgehog's 256 features; gradients of frozen inputs are not computed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from kernel_testing import DEVICE, PRECISIONS, assert_close, case_id, features, grads, leaves, randn, tolerance
 
 from linearize.kernels import reference
-from linearize.kernels.triton import chunk_hybrid_attention, chunk_linear_attention
+from linearize.kernels.triton import chunk_hybrid_attention, chunk_linear_attention, hybrid
 
 # (B, T, H, d, D, F, window, sinks): odd lengths, non-power-of-two dims, bands of 1..3 chunks (64),
 # sinks inside one chunk and over two, window 1 (own key only) and sinks without a window.
@@ -21,6 +22,10 @@ HYBRID_CASES = [
     (1, 130, 1, 32, 32, 48, 0, 3),
 ]
 LINEAR_CASES = [(1, 1, 2, 16, 16), (2, 63, 2, 60, 48), (1, 200, 1, 48, 60)]
+# Llama-3-8B heads (d = D = 128) with Hedgehog's 256 features: every tile loop and split runs more
+# than once (d and D in 2 tiles of 64, F in 4). T = 71 crosses a chunk; window 1 makes chunk 1 read
+# the state h[1] and visit the sink chunk before its band.
+WIDE_CASE = (1, 71, 1, 128, 128, 256, 1, 2)
 
 
 def _hybrid_ids(case: tuple[int, ...]) -> str:
@@ -42,7 +47,7 @@ def _reference(q, k, v, fq, fk, gamma, s0, z0, window, sinks, scaling):
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)
-@pytest.mark.parametrize("case", HYBRID_CASES, ids=_hybrid_ids)
+@pytest.mark.parametrize("case", [*HYBRID_CASES, WIDE_CASE], ids=_hybrid_ids)
 def test_chunk_hybrid_attention(case: tuple[int, ...], dtype: torch.dtype) -> None:
     B, T, H, d, D, F, window, sinks = case
     torch.manual_seed(0)
@@ -122,3 +127,48 @@ def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match=r"gamma must have shape \[2\]"):
         chunk_hybrid_attention(randn(1, 2, 8, 16), randn(1, 2, 8, 16), randn(1, 2, 8, 16), fq, fq,
                                torch.rand(3, device=fq.device), window=4, sinks=0, scaling=0.25)
+
+
+class _Forbidden:
+    """Stands in for a kernel that must not be launched."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched for a gradient nobody needs")
+
+
+# Inputs that require grad, and the kernels that then must not run: attention transfer (q, k, v
+# frozen), values only, queries only.
+FROZEN_CASES = {
+    "train-fq-fk-gamma": (("fq", "fk", "gamma"), ("_dk_kernel", "_dv_kernel")),
+    "train-v": (("v",), ("_dk_kernel", "_dfk_kernel", "_softmax_query_bwd_kernel", "_linear_query_bwd_kernel")),
+    "train-q": (("q",), ("_dk_kernel", "_dfk_kernel", "_dv_kernel", "_states_bwd_kernel", "_linear_query_bwd_kernel")),
+}
+
+
+@pytest.mark.parametrize("case", FROZEN_CASES.values(), ids=FROZEN_CASES.keys())
+def test_only_needed_gradients_are_computed(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen inputs get no gradient and their kernels do not run; the others match the reference."""
+    trained, forbidden = case
+    B, T, H, d, D, F, window, sinks = 1, 70, 2, 16, 24, 20, 8, 2
+    torch.manual_seed(0)
+    names = ["q", "k", "v", "fq", "fk", "gamma"]
+    inputs = [randn(B, H, T, d), randn(B, H, T, d), randn(B, H, T, D), features(B, H, T, F), features(B, H, T, F),
+              torch.rand(H, device=DEVICE)]
+    ref_in = leaves(*inputs)
+    tri_in = [t.detach().clone().requires_grad_(name in trained) for name, t in zip(names, inputs)]
+    spec = reference.AttentionSpec(window=window, sinks=sinks, scaling=d**-0.5)
+    upstream = torch.randn(B, H, T, D, device=DEVICE)
+    ref = (reference.hybrid_attention_chunked(*ref_in, spec) * upstream).sum()
+    for name in forbidden:
+        monkeypatch.setattr(hybrid, name, _Forbidden(name))
+    out, _ = chunk_hybrid_attention(*tri_in, window=window, sinks=sinks, scaling=spec.scaling)
+    (out * upstream).sum().backward()
+    ref_grads = dict(zip(names, grads(ref, ref_in)))
+    for name, t in zip(names, tri_in):
+        if name in trained:
+            assert_close(f"d{name}", ref_grads[name], t.grad, tolerance(torch.float32))
+        else:
+            assert t.grad is None, f"frozen {name} got a gradient"

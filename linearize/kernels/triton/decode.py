@@ -3,8 +3,9 @@
 The state update is ``reference.advance_state``: a handful of fixed-shape torch ops on [B] index
 vectors (fold the leaving key into S, z, write the new key into its ring slot) with no host
 synchronisation. The kernel then does the attention of ``reference.attend_state`` for one
-(batch row, query head) per program: the query against every filled slot of its KV head (softmax
-part, which now holds its own key) and against S, z (linear part), in one pass.
+(batch row, query head, value tile) per program: the query against every filled slot of its KV head
+(softmax part, which now holds its own key; blocks of slots with an online maximum) and against
+S, z (linear part, [F, D] tiles of at most 64 x 64), in one pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from linearize.kernels.reference import AttentionSpec, RecurrentState, StepPlan, advance_state
-from linearize.kernels.triton.utils import NEG_BIG, block, check_shape
+from linearize.kernels.triton.utils import NEG_BIG, check_shape, tile
 
 
 @triton.jit
@@ -25,33 +26,51 @@ def _attend_state_kernel(
     H, G, C, K, F, D, scaling, eps,
     BC: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
+    i_d, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_bkv = i_b * (H // G) + i_h // G  # the KV head this query head reads (GQA)
     g = tl.load(gamma + i_h).to(tl.float32)
-    o_c, o_k, o_f, o_d = tl.arange(0, BC), tl.arange(0, BK), tl.arange(0, BF), tl.arange(0, BD)
-    m_c, m_k, m_f, m_d = o_c < C, o_k < K, o_f < F, o_d < D
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
 
-    # Linear part: fq S and fq z, from kv = [S | z] [F, D + 1].
-    b_fq = tl.load(fq + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
-    b_S = tl.load(kv + i_bh * F * (D + 1) + o_f[:, None] * (D + 1) + o_d[None, :], mask=m_f[:, None] & m_d[None, :],
-                  other=0.0)
-    b_z = tl.load(kv + i_bh * F * (D + 1) + o_f * (D + 1) + D, mask=m_f, other=0.0)
-    num = g * tl.sum(b_fq[:, None] * b_S, axis=0)
-    den = g * tl.sum(b_fq * b_z, axis=0)
+    # Linear part: fq S and fq z, from kv = [S | z] [F, D + 1], an [F, D] tile at a time.
+    p_kv = kv + i_bh * F * (D + 1)
+    num_lin = tl.zeros([BD], dtype=tl.float32)
+    den_lin = tl.zeros([BF], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        o_f = f0 + tl.arange(0, BF)
+        m_f = o_f < F
+        b_fq = tl.load(fq + i_bh * F + o_f, mask=m_f, other=0.0).to(tl.float32)
+        b_S = tl.load(p_kv + o_f[:, None] * (D + 1) + o_d[None, :], mask=m_f[:, None] & m_d[None, :], other=0.0)
+        num_lin += tl.sum(b_fq[:, None] * b_S, axis=0)
+        den_lin += b_fq * tl.load(p_kv + o_f * (D + 1) + D, mask=m_f, other=0.0)
 
-    # Softmax part: the filled slots of the KV head.
-    filled = m_c & (tl.load(positions + i_b * C + o_c, mask=m_c, other=-1) >= 0)
-    b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    p_slots = ring + i_bkv * C * (K + D + 1) + o_c[:, None] * (K + D + 1)  # rows [k | v | 1]
-    b_keys = tl.load(p_slots + o_k[None, :], mask=filled[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-    b_values = tl.load(p_slots + K + o_d[None, :], mask=filled[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_s = tl.where(filled, tl.sum(b_keys * b_q[None, :], axis=1) * scaling, NEG_BIG)
-    b_m = tl.max(b_s, axis=0)
-    b_p = tl.where(filled, tl.exp(b_s - b_m), 0.0) * (1 - g)
-    num += tl.sum(b_p[:, None] * b_values, axis=0)
-    den += tl.sum(b_p, axis=0)
-    tl.store(o + i_bh * D + o_d, num / (den + eps), mask=m_d)
+    # Softmax part: the filled slots of the KV head, a block of slots at a time with an online maximum.
+    p_ring = ring + i_bkv * C * (K + D + 1)  # rows [k | v | 1]
+    num_soft = tl.zeros([BD], dtype=tl.float32)
+    den_soft = tl.zeros([1], dtype=tl.float32)
+    b_m = tl.full([1], NEG_BIG, dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        o_c = c0 + tl.arange(0, BC)
+        filled = (o_c < C) & (tl.load(positions + i_b * C + o_c, mask=o_c < C, other=-1) >= 0)
+        b_s = tl.zeros([BC], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            b_q = tl.load(q + i_bh * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+            b_keys = tl.load(p_ring + o_c[:, None] * (K + D + 1) + o_k[None, :],
+                             mask=filled[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
+            b_s += tl.sum(b_keys * b_q[None, :], axis=1)
+        b_s = tl.where(filled, b_s * scaling, NEG_BIG)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
+        b_scale = tl.exp(b_m - b_m_new)
+        b_p = tl.where(filled, tl.exp(b_s - b_m_new), 0.0)
+        b_values = tl.load(p_ring + o_c[:, None] * (K + D + 1) + K + o_d[None, :],
+                           mask=filled[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        num_soft = num_soft * b_scale + tl.sum(b_p[:, None] * b_values, axis=0)
+        den_soft = den_soft * b_scale + tl.sum(b_p, axis=0)
+        b_m = b_m_new
+    den = g * tl.sum(den_lin, axis=0) + (1 - g) * den_soft + eps
+    tl.store(o + i_bh * D + o_d, (g * num_lin + (1 - g) * num_soft) / den, mask=m_d)
 
 
 def attend_state(
@@ -71,10 +90,12 @@ def attend_state(
     # still be valid device memory.
     ring = state.ring.contiguous() if state.ring.numel() else out
     positions = state.positions.contiguous() if state.positions.numel() else state.seen
-    _attend_state_kernel[(batch * heads,)](
+    # Fixed tiles, no autotuning: one small launch per token and layer, bound by reading the state.
+    bd = tile(value_dim)
+    _attend_state_kernel[(triton.cdiv(value_dim, bd), batch * heads)](
         q.contiguous(), fq.contiguous(), gamma.contiguous(), state.kv.contiguous(), ring, positions, out,
         heads, heads // kv_heads, slots, head_dim, feat, value_dim, spec.scaling, spec.eps,
-        BC=block(slots, 1), BK=block(head_dim, 1), BF=block(feat, 1), BD=block(value_dim, 1), num_warps=4,
+        BC=tile(slots), BK=tile(head_dim), BF=tile(feat), BD=bd, num_warps=4,
     )
     return out
 
