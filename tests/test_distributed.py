@@ -109,3 +109,19 @@ def test_recipe_under_the_fsdp_config_equals_one_process(tmp_path, tiny_model_fo
         assert expected.keys() == sharded.keys()
         for name in expected:
             assert torch.allclose(sharded[name], expected[name], rtol=1e-4, atol=1e-6), f"{stage}: {name}"
+
+
+def test_gathered_trainable_state_of_a_tied_model_names_only_trainable_weights():
+    """Tied embeddings put the frozen shared weight in the state dict twice; a checkpoint must hold
+    the trainable weights only, or reloading it refuses the file (SmolLM2 and Llama-3.2 are tied)."""
+    from model_testing import converted
+    from linearize.training import gather_trainable_state, trainable_state
+
+    model = converted("llama", "window_hedgehog")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("feature_map" in name)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    gathered = gather_trainable_state(model)
+    assert set(gathered) == set(trainable_state(model)) and gathered
