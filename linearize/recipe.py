@@ -64,6 +64,9 @@ class AttentionSection(Section):
     jrt: bool | None = None
     chunk_size: PositiveInt | None = None
     eps: PositiveFloat | None = None
+    # A LoLA-style global cache (training-free; attention transfer fits the maps on the window alone).
+    global_cache: NonNegativeInt | None = None
+    global_cache_block: PositiveInt | None = None
     softmax_layers: list[NonNegativeInt] = []
     # After attention transfer, also keep as softmax the k layers with the highest transfer loss.
     auto_softmax_layers: NonNegativeInt = 0

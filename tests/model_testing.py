@@ -26,7 +26,10 @@ import linearize
 
 VOCAB = 97
 
-ALL_ATTENTIONS = ["hedgehog", "based", "window_hedgehog", "window_based", "jrt"]
+ALL_ATTENTIONS = ["hedgehog", "based", "window_hedgehog", "window_based", "jrt", "window_hedgehog_cache"]
+# Test variants that are a preset plus options: a global cache of 3 keys per KV head, chosen every
+# 4 tokens (so the test sequences cross several blocks and the cache fills and turns over).
+TEST_VARIANTS = {"window_hedgehog_cache": ("window_hedgehog", {"global_cache": 3, "global_cache_block": 4})}
 
 # Small enough for fast CPU tests, odd enough to catch shape bugs: GQA (4 query heads, 2 KV
 # heads), a non-power-of-two head size (12) and window/sinks shorter than the test sequences.
@@ -94,12 +97,19 @@ def attention_attr(family: str) -> str:
 
 def options_for(attention: str) -> dict:
     """Conversion options used by the tests: small windows so sequences outgrow them."""
-    return dict(SMALL_WINDOW) if attention.startswith("window") else {}
+    window = dict(SMALL_WINDOW) if attention.startswith("window") else {}
+    return {**window, **TEST_VARIANTS.get(attention, ("", {}))[1]}
+
+
+def preset_of(attention: str) -> str:
+    """The ``linearize.convert`` preset of a test variant."""
+    return TEST_VARIANTS.get(attention, (attention, {}))[0]
 
 
 def converted(family: str, attention: str, **options):
     """A tiny teacher of ``family`` converted to ``attention`` with non-trivial new parameters."""
-    model = linearize.convert(TEACHERS[family](), attention=attention, **{**options_for(attention), **options})
+    model = linearize.convert(TEACHERS[family](), attention=preset_of(attention),
+                              **{**options_for(attention), **options})
     # Move new parameters away from their initialisation so tests see every term of the math.
     torch.manual_seed(1)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from model_testing import (
     converted,
     decoder_layers,
     options_for,
+    preset_of,
     tiny_mistral,
     tiny_qwen2,
 )
@@ -30,7 +31,7 @@ NEW_PARAMETER_MARKERS = (".core.", "k_enc_proj", "v_enc_proj", "c_attn_enc")
 def test_conversion_reuses_weights_and_adds_only_new_parameters(family, attention):
     teacher = TEACHERS[family]()
     reference = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
-    student = linearize.convert(teacher, attention=attention, **options_for(attention))
+    student = linearize.convert(teacher, attention=preset_of(attention), **options_for(attention))
     state = student.state_dict()
     for name, tensor in reference.items():
         assert torch.equal(state[name], tensor), f"pretrained weight {name} changed"

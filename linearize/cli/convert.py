@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--sink-tokens", type=int, default=None, help="first tokens kept in every softmax part")
     parser.add_argument("--init-gamma", type=float, default=None, help="initial linear share, in (0, 1)")
     parser.add_argument("--feature-dim", type=int, default=None, help="feature map width (hedgehog e, based d_f)")
+    parser.add_argument("--global-cache", type=int, default=None,
+                        help="keys per KV head kept after they leave the window, the worst recalled (LoLA)")
+    parser.add_argument("--global-cache-block", type=int, default=None, help="tokens between two cache choices")
     parser.add_argument("--seed", type=int, default=0, help="seed for new parameters")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     parser.add_argument(
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out} already exists. Fix: choose another --out, or pass --overwrite")
     options = {
         "softmax_layers": args.softmax_layers, "window": args.window, "sink_tokens": args.sink_tokens,
-        "init_gamma": args.init_gamma, "feature_dim": args.feature_dim,
+        "init_gamma": args.init_gamma, "feature_dim": args.feature_dim, "global_cache": args.global_cache,
+        "global_cache_block": args.global_cache_block,
     }
     attention_options(args.attention, **options)  # validate every option before loading anything
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from linearize.cli.arguments import float_list, int_list, limit_spec
 from linearize.errors import UserError
 from linearize.eval.decode_bench import DEFAULT_LENGTHS
+from linearize.eval.frontier import STATE_CONTEXT
 from linearize.eval.recall import RecallSettings
 from linearize.eval.sampling import SamplingSettings
 from linearize.eval.tasks import GROUP
@@ -32,13 +33,20 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", nargs="?", help="the student: an export folder, or any model reference")
     parser.add_argument("--teacher", help="reference model: smollm2-135m, a .gguf file, a folder or a hub id")
-    parser.add_argument("--tasks", default=GROUP, help=f"comma-separated lm-eval tasks (default: {GROUP}, the shipped offline tasks)")
+    parser.add_argument("--tasks", default=GROUP, help=f"comma-separated lm-eval tasks (default: {GROUP}, the shipped "
+                        "offline tasks); none: only perplexity and recall")
     parser.add_argument("--limit", type=limit_spec, default=(None, {}),
                         help="examples per task, with per-task overrides: 200,linearize_wikitext=4 (default: all)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own, 0)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None, help="lm-eval window (default: the model's maximum)")
-    parser.add_argument("--perplexity-chunks", type=int, default=0, help="512-token WikiText-2 chunks for chunked perplexity")
+    parser.add_argument("--perplexity-chunks", type=int, default=0,
+                        help="WikiText-2 chunks per length for chunked perplexity (0: skip)")
+    parser.add_argument("--perplexity-lengths", type=int_list, default=[512],
+                        help="chunk lengths, each scored on its own, e.g. 512,2048 (default 512)")
+    parser.add_argument("--perplexity-start", type=float, default=0.0,
+                        help="where in the WikiText-2 test text the chunks start, as a fraction (0.5: the second "
+                        "half; default 0)")
     parser.add_argument("--recall", action="store_true", help="also measure MQAR and passkey recall curves")
     parser.add_argument("--jrt", action="store_true", help="with --recall: also score with JRT-Prompt (context twice)")
     parser.add_argument(
@@ -47,13 +55,25 @@ def register(subparsers) -> None:
         "token) as its non-causal prefix, as generate() reads a prompt; default: causal scoring",
     )
     parser.add_argument("--mqar-lengths", type=int_list, default=RecallSettings.mqar_lengths)
-    parser.add_argument("--mqar-kv-pairs", type=int, default=RecallSettings.mqar_kv_pairs)
+    parser.add_argument("--mqar-kv-pairs", type=int_list, default=RecallSettings.mqar_kv_pairs,
+                        help="key-value pair counts, one curve each, e.g. 8,16,64 (default 8)")
     parser.add_argument("--mqar-examples", type=int, default=RecallSettings.mqar_examples)
     parser.add_argument("--mqar-vocabulary", choices=["words", "ids"], default=RecallSettings.mqar_vocabulary,
                         help="MQAR tokens: the tokenizer's plain word tokens, or any non-special token ids")
     parser.add_argument("--passkey-lengths", type=int_list, default=RecallSettings.passkey_lengths)
     parser.add_argument("--passkey-depths", type=float_list, default=RecallSettings.passkey_depths)
+    parser.add_argument("--passkey-keys", type=int, default=RecallSettings.passkey_keys,
+                        help="passkeys per depth and length, each a different random key (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recall tests")
+    parser.add_argument(
+        "--configs", default="",
+        help="with --recall: training-free student configurations, separated by ';', each also measured on the "
+        "recall tests and put on the recall-state frontier, e.g. 'gamma=0;global_cache=64;window=128,"
+        "global_cache=32;softmax_layers=3+17' (keys: window, sink_tokens, global_cache, global_cache_block, "
+        "gamma, softmax_layers)",
+    )
+    parser.add_argument("--state-context", type=int, default=STATE_CONTEXT,
+                        help=f"context at which the frontier sizes each decode state (default {STATE_CONTEXT})")
     _add_runtime_options(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"evaluation folder (default {DEFAULT_OUT})")
     parser.add_argument("--update-model-card", action="store_true", help="write the numbers into the export's README.md")
@@ -162,13 +182,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from linearize.corpora import read_corpus
     from linearize.eval import harness, report
+    from linearize.eval.frontier import frontier_point
     from linearize.eval.perplexity import chunk_tokens, perplexity
     from linearize.eval.recall import recall_curves
 
     roles = _roles(args)
     device = _runtime(args)
     manager = harness.task_manager()
-    tasks = harness.check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()], manager)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [] if names == ["none"] else harness.check_task_names(names, manager)
     limit, task_limits = args.limit
     stray = sorted(set(task_limits) - set(tasks))
     if stray:
@@ -178,28 +200,46 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length,
     )
     recall_settings = RecallSettings(
-        mqar_lengths=tuple(args.mqar_lengths), mqar_kv_pairs=args.mqar_kv_pairs, mqar_examples=args.mqar_examples,
-        mqar_vocabulary=args.mqar_vocabulary, passkey_lengths=tuple(args.passkey_lengths),
-        passkey_depths=tuple(args.passkey_depths), jrt=args.jrt, jrt_prefix=args.jrt_prefix, seed=args.seed,
+        mqar_lengths=tuple(args.mqar_lengths), mqar_kv_pairs=tuple(args.mqar_kv_pairs),
+        mqar_examples=args.mqar_examples, mqar_vocabulary=args.mqar_vocabulary,
+        passkey_lengths=tuple(args.passkey_lengths), passkey_depths=tuple(args.passkey_depths),
+        passkey_keys=args.passkey_keys, jrt=args.jrt, jrt_prefix=args.jrt_prefix, seed=args.seed,
     )
+    configs = _student_configs(args)
     if args.recall:
         recall_settings.validate()
     results: dict = {"models": roles, "settings": settings.to_dict(), "tasks": {}}
+    if not 0.0 <= args.perplexity_start < 1.0 or min(args.perplexity_lengths) < 2:
+        raise UserError("--perplexity-start must be in [0, 1) and --perplexity-lengths >= 2 tokens each. "
+                        "Fix: e.g. --perplexity-start 0.5 --perplexity-lengths 512,2048")
     if args.perplexity_chunks > 0:
-        results["perplexity"] = {"chunks": args.perplexity_chunks, "chunk_length": 512}
+        results["perplexity"] = [{"chunks": args.perplexity_chunks, "chunk_length": length,
+                                  "start": args.perplexity_start} for length in args.perplexity_lengths]
     if args.recall:
-        results["recall"] = {"settings": asdict(recall_settings), "curves": {}}
+        results["recall"] = {"settings": asdict(recall_settings), "curves": {}, "frontier": []}
     for role, reference in roles.items():  # one model in memory at a time
         model, tokenizer = _load(reference, device)
         print(f"{role}: {reference} ({type(model).__name__} on {model.device})")
-        lm = harness.wrap_model(model, tokenizer, args.batch_size, args.max_length)
-        results["tasks"][role] = {task: asdict(r) for task, r in harness.evaluate(lm, settings, manager).items()}
+        if tasks:
+            lm = harness.wrap_model(model, tokenizer, args.batch_size, args.max_length)
+            results["tasks"][role] = {task: asdict(r) for task, r in harness.evaluate(lm, settings, manager).items()}
+            del lm
         if args.perplexity_chunks > 0:
-            chunks = chunk_tokens(tokenizer, read_corpus("wikitext2"), 512, args.perplexity_chunks)
-            results["perplexity"][role] = perplexity(model, chunks, desc=f"{role} perplexity")
+            text = read_corpus("wikitext2")
+            text = text[int(len(text) * args.perplexity_start):]
+            for entry in results["perplexity"]:
+                chunks = chunk_tokens(tokenizer, text, entry["chunk_length"], args.perplexity_chunks)
+                entry[role] = perplexity(model, chunks, batch_size=max(1, 2048 // entry["chunk_length"]),
+                                         desc=f"{role} perplexity ({entry['chunk_length']} tokens)")
         if args.recall:
-            results["recall"]["curves"][role] = recall_curves(model, tokenizer, recall_settings)
-        del lm, model
+            curves = recall_curves(model, tokenizer, recall_settings)
+            results["recall"]["curves"][role] = curves
+            label = role if role == "teacher" else "student (as trained)"
+            results["recall"]["frontier"].append(frontier_point(label, model, curves, context=args.state_context))
+            if role == "student":
+                for config in configs:
+                    _recall_of_config(model, tokenizer, config, recall_settings, args.state_context, results)
+        del model
         gc.collect()
 
     report.write_json(args.out / report.EVAL_FILE, results)
@@ -211,6 +251,35 @@ def run(args: argparse.Namespace) -> int:
                                         report.read_json(args.out / report.SAMPLING_FILE))
         print(f"updated {card}")
     return 0
+
+
+def _student_configs(args: argparse.Namespace) -> list[dict]:
+    """--configs parsed and checked before any model loads."""
+    from linearize.convert.inference_options import parse_config
+
+    configs = [parse_config(text) for text in args.configs.split(";") if text.strip()]
+    if configs and not args.recall:
+        raise UserError("--configs adds points to the recall-state frontier, so it needs --recall")
+    if args.state_context < 1:
+        raise UserError(f"--state-context must be >= 1, got {args.state_context}")
+    return configs
+
+
+def _recall_of_config(model, tokenizer, config: dict, settings, context: int, results: dict) -> None:
+    """Recall curves and the frontier point of the student with ``config`` applied to a copy."""
+    import copy
+
+    from linearize.convert.inference_options import apply_inference_options, config_label
+    from linearize.eval.frontier import frontier_point
+    from linearize.eval.recall import recall_curves
+
+    label = f"student ({config_label(config)})"
+    print(f"{label}: recall")
+    variant = apply_inference_options(copy.deepcopy(model), config)
+    curves = recall_curves(variant, tokenizer, settings)
+    results["recall"]["frontier"].append(frontier_point(label, variant, curves, config, context))
+    del variant
+    gc.collect()
 
 
 def run_bench(args: argparse.Namespace) -> int:

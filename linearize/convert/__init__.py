@@ -5,6 +5,7 @@ feature maps, mix factors and (JRT) encoder projections, and turns the model int
 ``Linearized*`` class so it saves and reloads as a Hugging Face model.
 """
 
+from linearize.convert.inference_options import apply_inference_options
 from linearize.convert.presets import ATTENTION_PRESETS, attention_options
 from linearize.convert.swap import SUPPORTED_ARCHITECTURES, ConversionError, convert, restore_softmax_layers
 from linearize.hf.feature_maps import FEATURE_MAPS, BasedFeatureMap, HedgehogFeatureMap
@@ -16,6 +17,7 @@ __all__ = [
     "BasedFeatureMap",
     "HedgehogFeatureMap",
     "ConversionError",
+    "apply_inference_options",
     "attention_options",
     "convert",
     "restore_softmax_layers",

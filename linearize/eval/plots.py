@@ -22,10 +22,12 @@ def plot_recall(recall: dict[str, dict], path: Path) -> Path:
     for axis, test in zip(axes, tests):
         for role in MODELS:
             for prompt, points in recall.get(role, {}).get(test, {}).items():
-                axis.plot(
-                    [p["length"] for p in points], [p["accuracy"] for p in points], marker="o",
-                    linestyle="--" if prompt == "jrt" else "-", label=f"{role} ({prompt})", **STYLE[role],
-                )
+                counts = sorted({p.get("pairs") or 0 for p in points})
+                for marker, pairs in zip("os^vDP*X" * len(counts), counts):  # one line per MQAR pair count
+                    line = [p for p in points if (p.get("pairs") or 0) == pairs]
+                    label = f"{role} ({prompt}{f', {pairs} pairs' if pairs else ''})"
+                    axis.plot([p["length"] for p in line], [p["accuracy"] for p in line], marker=marker,
+                              linestyle="--" if prompt == "jrt" else "-", label=label, **STYLE[role])
         axis.set(title="MQAR" if test == "mqar" else "passkey", xlabel="sequence length (tokens)",
                  ylabel="accuracy", ylim=(-0.05, 1.05))
         _length_axis(axis, [p["length"] for curves in recall.values() for points in curves.get(test, {}).values()
@@ -125,3 +127,21 @@ def plot_sampling(sampling: dict, by_k: Path, by_seconds: Path) -> tuple[Path, P
                                                            if x == "k" else " at equal wall-clock cost"))
         paths.append(_save(figure, path))
     return paths[0], paths[1]
+
+
+def plot_frontier(points: list[dict], path: Path) -> Path:
+    """Recall against decode-state bytes (log x), one labelled point per configuration: passkey and
+    MQAR panels, the teacher in its own colour (BASED's recall-memory figure, for converted models)."""
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, test, title in zip(axes, ("passkey", "mqar"), ("passkey (mean over lengths)", "MQAR (mean)")):
+        for point in points:
+            style = STYLE["teacher" if point["label"] == "teacher" else "student"]
+            mib = point["state_bytes"] / 2**20
+            axis.scatter([mib], [point[test]], **style)
+            axis.annotate(point["label"].removeprefix("student "), (mib, point[test]), fontsize=7,
+                          xytext=(4, 4), textcoords="offset points")
+        context = points[0]["state_context"] if points else 0
+        axis.set(title=title, xlabel=f"decode state at {context} tokens (MiB, log)", ylabel="accuracy",
+                 ylim=(-0.05, 1.05), xscale="log")
+    figure.suptitle("recall vs state size")
+    return _save(figure, path)

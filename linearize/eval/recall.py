@@ -134,9 +134,12 @@ def _check_depth(depth: float) -> None:
 
 def passkey_examples(
     tokenizer: PreTrainedTokenizerBase, *, context_length: int, depths: Sequence[float], seed: int = 0,
-    jrt: bool = False,
+    jrt: bool = False, keys_per_depth: int = 1,
 ) -> list[RecallExample]:
-    """One passkey example per depth (0 = needle first, 1 = needle last) at ``context_length`` tokens."""
+    """``keys_per_depth`` passkey examples per depth (0 = needle first, 1 = needle last), each with its
+    own random key, at ``context_length`` tokens."""
+    if keys_per_depth < 1:
+        raise UserError(f"passkey keys per depth must be >= 1, got {keys_per_depth}")
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
@@ -144,7 +147,7 @@ def passkey_examples(
     intro, filler, question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
     rng = random.Random(seed)
     examples = []
-    for depth in depths:
+    for depth in (depth for depth in depths for _ in range(keys_per_depth)):
         _check_depth(depth)
         key = encode(" " + str(rng.randint(10000, 99999)))
         # The key is spliced in as the same ids that answer the question, so tokenization at the
@@ -190,11 +193,17 @@ def recall_accuracy(
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             ids = torch.tensor([example.input_ids for example in batch], device=device)
-            predicted = model(ids, use_cache=False, **extra).logits.argmax(-1)  # [B, T]
+            # Logits only where answers are read: at 4k tokens the full [T, vocabulary] head would
+            # cost as much as the rest of a small model.
+            scored = sorted({p for example in batch for positions in example.answers for p in positions})
+            column = {p: i for i, p in enumerate(scored)}
+            keep = torch.tensor(scored, device=device)
+            predicted = model(ids, use_cache=False, logits_to_keep=keep, **extra).logits.argmax(-1)  # [B, len(scored)]
             for row, example in enumerate(batch):
                 for positions in example.answers:
                     index = torch.tensor(positions, device=device)
-                    correct += bool((predicted[row, index] == ids[row, index + 1]).all())
+                    at = torch.tensor([column[p] for p in positions], device=device)
+                    correct += bool((predicted[row, at] == ids[row, index + 1]).all())
                     total += 1
     return correct / total
 
@@ -204,22 +213,32 @@ class RecallSettings:
     """What the recall curves are measured over; saved next to the scores."""
 
     mqar_lengths: tuple[int, ...] = (64, 128, 256, 512)
-    mqar_kv_pairs: int = 8
+    mqar_kv_pairs: tuple[int, ...] = (8,)  # one curve per count; lengths too short for a count are skipped
     mqar_examples: int = 16
     mqar_vocabulary: str = "words"  # "words": word tokens of the tokenizer; "ids": any non-special id
     passkey_lengths: tuple[int, ...] = (256, 512, 1024)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_keys: int = 1  # examples (keys) per depth and length
     jrt: bool = False  # also score every test with JRT-Prompt
     jrt_prefix: bool = False  # a JRT-RNN model reads each context as its non-causal prefix
     seed: int = 0
 
     def validate(self) -> None:
         """Raise the UserError a run would hit, before any model is loaded (tokenizer-free checks)."""
-        for length in self.mqar_lengths:
-            mqar_examples(range(4 * self.mqar_kv_pairs), num_kv_pairs=self.mqar_kv_pairs, seq_len=length,
-                          num_examples=self.mqar_examples)
+        for pairs in self.mqar_kv_pairs:
+            lengths = self.mqar_lengths_for(pairs)
+            if not lengths:
+                raise UserError(f"MQAR with {pairs} pairs needs a length >= {4 * pairs}, got lengths "
+                                f"{list(self.mqar_lengths)}. Fix: add a longer length or use fewer pairs")
+            mqar_examples(range(4 * pairs), num_kv_pairs=pairs, seq_len=lengths[0], num_examples=self.mqar_examples)
+        if self.passkey_keys < 1:
+            raise UserError(f"passkey keys per depth must be >= 1, got {self.passkey_keys}")
         for depth in self.passkey_depths:
             _check_depth(depth)
+
+    def mqar_lengths_for(self, pairs: int) -> list[int]:
+        """The lengths that hold ``pairs`` pairs and their queries."""
+        return [length for length in self.mqar_lengths if length >= 4 * pairs]
 
 
 def mqar_vocabulary(tokenizer: PreTrainedTokenizerBase, kind: str, size: int) -> list[int]:
@@ -233,24 +252,26 @@ def mqar_vocabulary(tokenizer: PreTrainedTokenizerBase, kind: str, size: int) ->
 
 
 def recall_curves(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, settings: RecallSettings) -> dict:
-    """MQAR accuracy per sequence length and passkey accuracy per context length (plain, and JRT
-    when asked): ``{"mqar": {"plain": [{"length": L, "accuracy": a}, ...], ...}, "passkey": {...}}``."""
+    """MQAR accuracy per pair count and sequence length, and passkey accuracy per context length
+    (plain, and JRT when asked): ``{"mqar": {"plain": [{"length": L, "pairs": P, "accuracy": a}, ...],
+    ...}, "passkey": {"plain": [{"length": L, "accuracy": a}, ...], ...}}``."""
     # Twice the pairs per half, so keys and values differ between examples.
-    vocabulary = mqar_vocabulary(tokenizer, settings.mqar_vocabulary, 4 * settings.mqar_kv_pairs)
+    vocabulary = mqar_vocabulary(tokenizer, settings.mqar_vocabulary, 4 * max(settings.mqar_kv_pairs))
     prompts = ["plain", "jrt"] if settings.jrt else ["plain"]
     curves: dict[str, dict[str, list[dict]]] = {"mqar": {}, "passkey": {}}
     for prompt in prompts:
         jrt = prompt == "jrt"
         curves["mqar"][prompt] = [
-            {"length": length, "accuracy": recall_accuracy(model, mqar_examples(
-                vocabulary, num_kv_pairs=settings.mqar_kv_pairs, seq_len=length,
+            {"length": length, "pairs": pairs, "accuracy": recall_accuracy(model, mqar_examples(
+                vocabulary, num_kv_pairs=pairs, seq_len=length,
                 num_examples=settings.mqar_examples, seed=settings.seed, jrt=jrt,
             ), jrt_prefix=settings.jrt_prefix)}
-            for length in settings.mqar_lengths
+            for pairs in settings.mqar_kv_pairs for length in settings.mqar_lengths_for(pairs)
         ]
         curves["passkey"][prompt] = [
             {"length": length, "accuracy": recall_accuracy(model, passkey_examples(
                 tokenizer, context_length=length, depths=settings.passkey_depths, seed=settings.seed, jrt=jrt,
+                keys_per_depth=settings.passkey_keys,
             ), jrt_prefix=settings.jrt_prefix)}
             for length in settings.passkey_lengths
         ]

@@ -56,10 +56,12 @@ def result_sections(
     if results and results.get("recall"):
         recall = results["recall"]
         sections.append(
-            f"{heading} Recall\n\nMQAR accuracy ({recall['settings']['mqar_kv_pairs']} key-value pairs):\n\n"
+            f"{heading} Recall\n\nMQAR accuracy, per key-value pair count and length:\n\n"
             f"{tables.recall_table(recall['curves'], 'mqar')}\n\nPasskey retrieval accuracy "
             f"(depths {recall['settings']['passkey_depths']}):\n\n{tables.recall_table(recall['curves'], 'passkey')}"
         )
+        if recall.get("frontier"):
+            sections.append(f"{heading} Recall vs state size\n\n{tables.frontier_table(recall['frontier'])}")
     if decode:
         sections.append(f"{heading} Speed and memory\n\n{tables.decode_table(decode['measurements'])}")
         if decode.get("fork"):
@@ -119,6 +121,9 @@ def write_report(eval_dir: str | os.PathLike) -> Path:
     if results and results.get("recall"):
         plots.plot_recall(results["recall"]["curves"], eval_dir / "recall.png")
         sections.append("![recall curves](recall.png)")
+        if results["recall"].get("frontier"):
+            plots.plot_frontier(results["recall"]["frontier"], eval_dir / "frontier.png")
+            sections.append("![recall vs state size](frontier.png)")
     if decode:
         plots.plot_decode(decode["measurements"], eval_dir / "decode.png")
         sections.append("![speed and memory](decode.png)")

@@ -47,30 +47,37 @@ def task_table(task_results: dict[str, dict[str, dict]]) -> str:
     return markdown_table(["task", "metric", "teacher", "student", "Δ (student − teacher)", "examples", "shots"], rows)
 
 
-def perplexity_table(perplexity: dict) -> str:
-    """Chunked WikiText-2 perplexity (the protocol of DESIGN.md's reference numbers) with the ratio."""
-    teacher, student = perplexity.get("teacher"), perplexity["student"]
-    ratio = "–" if teacher is None else f"{student / teacher:.2f}×"
-    return markdown_table(
-        ["text", "teacher", "student", "student / teacher"],
-        [[f"WikiText-2, {perplexity['chunks']} × {perplexity['chunk_length']} tokens",
-          _number(teacher, 2), _number(student, 2), ratio]],
-    )
+def perplexity_table(perplexity: dict | list[dict]) -> str:
+    """Chunked WikiText-2 perplexity (the protocol of DESIGN.md's reference numbers) with the ratio,
+    one row per chunk length (``perplexity``: one entry, or a list of them)."""
+    rows = []
+    for entry in [perplexity] if isinstance(perplexity, dict) else perplexity:
+        teacher, student = entry.get("teacher"), entry["student"]
+        ratio = "–" if teacher is None else f"{student / teacher:.2f}×"
+        start = f", from {entry['start']:.0%} of the text" if entry.get("start") else ""
+        rows.append([f"WikiText-2, {entry['chunks']} × {entry['chunk_length']} tokens{start}",
+                     _number(teacher, 2), _number(student, 2), ratio])
+    return markdown_table(["text", "teacher", "student", "student / teacher"], rows)
 
 
 def recall_table(recall: dict[str, dict], test: str) -> str:
-    """Accuracy per length for ``test`` ("mqar" or "passkey"), one column per model and prompt."""
-    columns = [(role, prompt) for role in MODELS if role in recall for prompt in recall[role][test]]
+    """Accuracy per length (and MQAR pair count) for ``test`` ("mqar" or "passkey"), one column per
+    model and prompt."""
+    columns = [(role, prompt) for role in recall for prompt in recall[role][test]]
+    columns.sort(key=lambda column: MODELS.index(column[0]) if column[0] in MODELS else len(MODELS))
     accuracy = {
-        (role, prompt, point["length"]): point["accuracy"]
+        (role, prompt, point.get("pairs"), point["length"]): point["accuracy"]
         for role, prompt in columns for point in recall[role][test][prompt]
     }
-    lengths = sorted({length for (_, _, length) in accuracy})
+    cases = sorted({(pairs or 0, length) for (_, _, pairs, length) in accuracy})
+    with_pairs = any(pairs for pairs, _ in cases)
     rows = [
-        [str(length)] + [_number(accuracy.get((role, prompt, length)), 3) for role, prompt in columns]
-        for length in lengths
+        ([str(pairs)] if with_pairs else []) + [str(length)]
+        + [_number(accuracy.get((role, prompt, pairs or None, length)), 3) for role, prompt in columns]
+        for pairs, length in cases
     ]
-    return markdown_table(["length"] + [f"{role} ({prompt})" for role, prompt in columns], rows)
+    return markdown_table((["pairs"] if with_pairs else []) + ["length"]
+                          + [f"{role} ({prompt})" for role, prompt in columns], rows)
 
 
 def decode_table(measurements: list[dict]) -> str:
@@ -159,3 +166,21 @@ def crossing_sentence(crossing: dict) -> str:
     points = ", ".join(f"{s:.1f} s" for s in crossing["crossings"])
     order = " then ".join(crossing["leader"])
     return f"At equal seconds ({span}) the curves cross at {points}; ahead: {order}."
+
+
+def frontier_table(points: list[dict]) -> str:
+    """One row per configuration: decode state at the frontier's context, its ratio to the teacher's
+    KV cache, and passkey (per length and mean) and MQAR (mean) accuracy, sorted by state size."""
+    teacher = next((p for p in points if p["label"] == "teacher"), None)
+    lengths = sorted({q["length"] for p in points for q in p["curves"]["passkey"]["plain"]})
+    rows = []
+    for point in sorted(points, key=lambda p: p["state_bytes"]):
+        passkey = {q["length"]: q["accuracy"] for q in point["curves"]["passkey"]["plain"]}
+        ratio = "–" if teacher is None else f"{point['state_bytes'] / teacher['state_bytes']:.3f}×"
+        rows.append([point["label"], _bytes(point["state_bytes"]), ratio,
+                     *[_number(passkey.get(length), 2) for length in lengths],
+                     _number(point["passkey"], 3), _number(point["mqar"], 3)])
+    context = points[0]["state_context"] if points else 0
+    return markdown_table(
+        ["configuration", f"state at {context} tokens", "vs teacher KV",
+         *[f"passkey {length}" for length in lengths], "passkey mean", "MQAR mean"], rows)

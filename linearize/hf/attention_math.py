@@ -127,12 +127,14 @@ def part_masks(
     key_valid: torch.Tensor,
     window: int,
     sinks: int,
+    block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-part and linear-part masks [B, 1, Tq, Tk] from positions (see the module docstring)."""
+    """Softmax-part and linear-part masks [B, 1, Tq, Tk] from positions (see the module docstring);
+    ``block`` > 1: the window moves every ``block`` positions (a global cache's block window)."""
     qp = query_pos[:, None, :, None]
     kp = key_pos[:, None, None, :]
     causal = (kp <= qp) & key_valid[:, None, None, :]
-    soft = causal & ((kp < sinks) | (kp > qp - window))
+    soft = causal & ((kp < sinks) | (kp > qp - qp % block - window))
     return soft, causal & ~soft
 
 
@@ -163,32 +165,52 @@ class AttentionSpec:
     window: softmax keys per query, counting the query itself (0: no window);
     sinks: the first ``sinks`` positions stay in every query's softmax part;
     scaling: the softmax temperature (the teacher's: 1/sqrt(d) for Llama and GPT-2);
-    eps: added to the normaliser.
+    eps: added to the normaliser;
+    cache_size: global cache slots per KV head (0: none), see "Global cache" in the module docstring;
+    cache_block: with a global cache, the cache is chosen again every ``cache_block`` tokens.
     """
 
     window: int = 0
     sinks: int = 0
     scaling: float = 1.0
     eps: float = EPS
+    cache_size: int = 0
+    cache_block: int = 64
 
     def __post_init__(self) -> None:
         if self.window < 0 or self.sinks < 0:
             raise ValueError(f"window and sinks must be >= 0, got window={self.window}, sinks={self.sinks}")
+        if self.cache_size < 0 or self.cache_block < 1:
+            raise ValueError(f"cache_size must be >= 0 and cache_block >= 1, got {self.cache_size}, {self.cache_block}")
+        if self.cache_size and self.window < 1:
+            raise ValueError("a global cache keeps keys that leave the softmax window, so it needs window >= 1")
+
+    @property
+    def block(self) -> int:
+        """Tokens between two moves of the softmax window: 1 (it slides) unless there is a global cache."""
+        return self.cache_block if self.cache_size else 1
+
+    @property
+    def window_slots(self) -> int:
+        """Ring slots of the window: ``window`` keys, plus the ``block - 1`` that a block window
+        holds until its next move."""
+        return self.window + self.block - 1 if self.window else 0
 
     @property
     def capacity(self) -> int:
-        """Key slots of a ``RecurrentState``: the sinks and the last ``window`` keys."""
-        return self.sinks + self.window
+        """Key slots of a ``RecurrentState``'s ring: the sinks and the window (the global cache apart)."""
+        return self.sinks + self.window_slots
 
     def ring_slot(self, position: torch.Tensor) -> torch.Tensor:
-        """The slot of a kept key at ``position`` (>= 0): p for a sink, else sinks + (p - sinks) mod window.
+        """The slot of a kept key at ``position`` (>= 0): p for a sink, else sinks + (p - sinks) mod window_slots.
 
-        A new key's slot is the one of the key ``window`` positions before it, which has just left the
-        softmax part, so every step overwrites exactly the key it folds.
+        A new key's slot is the one of the key ``window_slots`` positions before it, which has just left
+        the softmax part, so every step overwrites exactly the key it folds (or, with a global cache, a
+        slot the last choice emptied).
         """
         if self.window == 0:
             return position
-        return torch.where(position < self.sinks, position, self.sinks + (position - self.sinks) % self.window)
+        return torch.where(position < self.sinks, position, self.sinks + (position - self.sinks) % self.window_slots)
 
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -207,6 +229,7 @@ class StepPlan:
     index: torch.Tensor  # [B, Hkv, 1, d + D + 1]: ``slot`` expanded for gather/scatter on the ring
     ones: torch.Tensor  # [B, Hkv, 1, 1]: the last column of a ring entry [k | v | 1]
     ring_full: bool  # every slot holds a key: no masking needed
+    choose_cache: bool = False  # some row starts a block: the global cache is chosen first
 
 
 @dataclass
@@ -222,7 +245,10 @@ class RecurrentState:
       ``keys`` and ``values`` ([v | 1]) are views of it;
     * ``kv`` [B, H, F, D + 1] (fp32) is [S | z]: the sums of phi(k_p) v_p^T and phi(k_p) over the keys
       sinks <= p < seen - window, plus any initial state (JRT's prefix);
-    * ``seen`` [B] counts the real tokens consumed.
+    * ``seen`` [B] counts the real tokens consumed;
+    * with a global cache (``spec.cache_size`` = G > 0), ``cache`` [B, Hkv, G, d + D + 1] holds the
+      [k | v | 1] of the chosen keys of each KV head and ``cache_positions`` [B, Hkv, G] their
+      positions (-1: empty); otherwise both are None.
 
     The ring holds one key more than the next query's softmax part: p = seen - window, which is
     linear for that query. A decode step folds it into S, z (one rank-1 update of ``kv`` with its
@@ -234,6 +260,8 @@ class RecurrentState:
     ring: torch.Tensor
     positions: torch.Tensor
     seen: torch.Tensor
+    cache: torch.Tensor | None = None
+    cache_positions: torch.Tensor | None = None
 
     @property
     def S(self) -> torch.Tensor:
@@ -265,12 +293,17 @@ class RecurrentState:
         spec: AttentionSpec, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     ) -> RecurrentState:
         """The state of rows that have seen nothing."""
-        slots = spec.capacity
+        slots, width = spec.capacity, head_dim + value_dim + 1
+        cache = cache_positions = None
+        if spec.cache_size:
+            cache = torch.zeros(batch, kv_heads, spec.cache_size, width, device=device, dtype=dtype)
+            cache_positions = torch.full((batch, kv_heads, spec.cache_size), -1, dtype=torch.long, device=device)
         return cls(
             kv=torch.zeros(batch, heads, features, value_dim + 1, device=device),
-            ring=torch.zeros(batch, kv_heads, slots, head_dim + value_dim + 1, device=device, dtype=dtype),
+            ring=torch.zeros(batch, kv_heads, slots, width, device=device, dtype=dtype),
             positions=torch.full((batch, slots), -1, dtype=torch.long, device=device),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
+            cache=cache, cache_positions=cache_positions,
         )
 
     def with_prefix(self, S: torch.Tensor, z: torch.Tensor) -> RecurrentState:
@@ -278,7 +311,14 @@ class RecurrentState:
         return replace(self, kv=self.kv + torch.cat([S.float(), z.float()[..., None]], dim=-1))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.kv, self.ring, self.positions, self.seen)
+        """The state's tensors in field order (the global cache's only when there is one)."""
+        cache = () if self.cache is None else (self.cache, self.cache_positions)
+        return (self.kv, self.ring, self.positions, self.seen, *cache)
+
+    def assign(self, other: RecurrentState) -> None:
+        """Copy ``other``'s values into this state's tensors (an in-place update of the same layout)."""
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            mine.copy_(theirs)
 
     def step_plan(self, spec: AttentionSpec, check_full: bool = False) -> StepPlan:
         """The slot of the next token, the same for every layer of one forward (compute it once).
@@ -296,6 +336,8 @@ class RecurrentState:
             slot=slot, index=slot[:, None, :, None].expand(batch, kv_heads, 1, width),
             ones=self.ring.new_ones(()).expand(batch, kv_heads, 1, 1),
             ring_full=check_full and bool((self.positions >= 0).all()),
+            # One host read per forward, only with a cache: the choice runs once per block, not per token.
+            choose_cache=bool(spec.cache_size) and bool((self.seen % spec.block == 0).any()),
         )
 
     def num_bytes(self) -> int:
@@ -337,7 +379,9 @@ def _fold_and_ring(
     keys into [S | z]. Returns the state and the features of its ring keys [B, H, C, F].
     """
     batch, kv_heads = keys.shape[:2]
-    keep = key_valid & ((key_pos < spec.sinks) | (key_pos >= seen[:, None] - spec.window))
+    last = seen[:, None] - 1
+    window_start = last - last % spec.block - spec.window  # keys after it are in the next query's window
+    keep = key_valid & ((key_pos < spec.sinks) | (key_pos > window_start))
     folded = features.float() * (key_valid & ~keep)[:, None, :, None]
     kv = kv + folded.transpose(-1, -2) @ expand_kv_heads(values.float(), features.shape[1] // kv_heads)
     slots = spec.capacity
@@ -354,6 +398,55 @@ def _fold_and_ring(
     return state, ring(features.float())
 
 
+def _refuse_cache(spec: AttentionSpec, form: str) -> None:
+    """The one-shot forms cannot know which keys a global cache keeps: it is chosen as keys arrive."""
+    if spec.cache_size:
+        raise ValueError(f"{form} has no global cache: with cache_size > 0 use hybrid_attention_continue "
+                         "from an empty state (the cache is chosen block by block)")
+
+
+def choose_cache(
+    state: RecurrentState, spec: AttentionSpec, key_features: Callable[[torch.Tensor], torch.Tensor],
+) -> RecurrentState:
+    """The global cache chosen again for rows that start a block (``seen`` a multiple of
+    ``spec.cache_block``); returns a new state, other rows unchanged.
+
+    The candidates of a KV head are its cached keys and the keys leaving the window (positions
+    <= seen - window). Each is scored by how badly [S | z] recalls its value, the self-recall error
+    of LoLA (McDermott et al. 2025, arXiv 2505.23666), summed over the head's query heads:
+    ``|| v - phi(k) S / (phi(k) z + eps) ||^2``. The G worst recalled stay in the cache; the other
+    candidates are folded into [S | z] and leave the ring. A row without leaving keys (already
+    chosen at this ``seen``) keeps its cache as it is, so choosing twice changes nothing.
+    """
+    batch, kv_heads, slots, width = state.ring.shape
+    heads, _, value_width = state.kv.shape[1:]
+    head_dim, groups, sinks = width - value_width, heads // kv_heads, spec.sinks
+    window_positions = state.positions[:, sinks:]  # [B, W]
+    starts_block = state.seen % spec.block == 0
+    leaving = (window_positions >= 0) & (window_positions <= (state.seen - spec.window)[:, None]) & starts_block[:, None]
+    entries = torch.cat([state.cache, state.ring[:, :, sinks:]], dim=2)  # [B, Hkv, G + W, d + D + 1]
+    positions = torch.cat([state.cache_positions, window_positions[:, None].expand(-1, kv_heads, -1)], dim=2)
+    candidate = torch.cat([state.cache_positions >= 0, leaving[:, None].expand(-1, kv_heads, -1)], dim=2)
+    features = key_features(entries[..., :head_dim]).float()  # [B, H, G + W, F]
+    values = expand_kv_heads(entries[..., head_dim:].float(), groups)  # [v | 1]
+    recalled = features @ state.kv
+    error = (values[..., :-1] - recalled[..., :-1] / (recalled[..., -1:] + spec.eps)).pow(2).sum(dim=-1)
+    error = error.view(batch, kv_heads, groups, -1).sum(dim=2).masked_fill(~candidate, float("-inf"))
+    top = error.topk(spec.cache_size, dim=-1).indices  # [B, Hkv, G]
+    kept = candidate.gather(2, top)
+    chosen = leaving.any(dim=1)[:, None, None]  # rows that choose now
+    cache = torch.where((chosen & kept)[..., None], entries.gather(2, top[..., None].expand(-1, -1, -1, width)), 0)
+    cache = torch.where(chosen[..., None], cache, state.cache)
+    cache_positions = torch.where(chosen, torch.where(kept, positions.gather(2, top), -1), state.cache_positions)
+    folded = candidate & ~torch.zeros_like(candidate).scatter(2, top, kept) & chosen
+    kv = state.kv + (features * expand_kv_heads(folded[..., None].float(), groups)).transpose(-1, -2) @ values
+    ring = state.ring.clone()
+    ring[:, :, sinks:] = state.ring[:, :, sinks:].masked_fill(leaving[:, None, :, None], 0)
+    positions_left = state.positions.clone()
+    positions_left[:, sinks:] = window_positions.masked_fill(leaving, -1)
+    return RecurrentState(kv, ring, positions_left, state.seen, cache.to(state.cache.dtype), cache_positions)
+
+
 def build_state(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -368,6 +461,7 @@ def build_state(
     k [B, Hkv, T, d] and v [B, Hkv, T, D] per KV head, fk [B, H, T, F], valid [B, T];
     initial_state (S0, z0) is added to S, z (JRT's prefix state).
     """
+    _refuse_cache(spec, "build_state")
     batch, kv_heads, length, _ = k.shape
     heads, feat, value_dim = fk.shape[1], fk.shape[-1], v.shape[-1]
     kv = torch.zeros(batch, heads, feat, value_dim + 1, device=k.device)
@@ -419,6 +513,7 @@ def hybrid_attention_quadratic(
         out [B, H, T, D] in fp32, weights [B, H, T, T]: the normalised attention weights over the
         keys of this call (they sum to 1 per query when there is no initial state).
     """
+    _refuse_cache(spec, "hybrid_attention_quadratic")
     batch, _, length, _ = q.shape
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     if valid is None:
@@ -476,6 +571,7 @@ def hybrid_attention_chunked(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _refuse_cache(spec, "hybrid_attention_chunked")
     batch, heads, length, _ = q.shape
     q, k, v, fq, fk = (t.float() for t in (q, k, v, fq, fk))
     if length == 0:
@@ -632,7 +728,9 @@ def advance_state(
     plan: StepPlan | None = None,
 ) -> None:
     """Add one token per row to ``state`` in place: fold the leaving key into [S | z] (a rank-1
-    update) and write the new key over it. Shapes as ``hybrid_attention_step``."""
+    update) and write the new key over it. With a global cache, rows that start a block first choose
+    the cache (``choose_cache``), which empties the slots the block's keys go to, so nothing is
+    folded per token. Shapes as ``hybrid_attention_step``."""
     batch, kv_heads, slots, width = state.ring.shape
     heads, feat, value_width = state.kv.shape[1:]
     head_dim = width - value_width
@@ -640,7 +738,11 @@ def advance_state(
     plan = state.step_plan(spec) if plan is None else plan
     slot, index = plan.slot, plan.index
     entry = torch.cat([_as(k, state.ring.dtype), _as(v, state.ring.dtype), plan.ones], dim=-1)  # [k | v | 1]
-    if spec.window > 0:  # the leaving key is the occupant of the new key's slot (zeros when empty)
+    if spec.cache_size:
+        if plan.choose_cache:
+            state.assign(choose_cache(state, spec, key_features))
+        fold, write = None, live
+    elif spec.window > 0:  # the leaving key is the occupant of the new key's slot (zeros when empty)
         leaving = state.ring.gather(2, index)
         fold, write = live, live
     else:  # the new key is linear at once unless it is a sink
@@ -650,13 +752,14 @@ def advance_state(
         if live is not None:
             fold = live if fold is None else fold & live
             write = None if write is None else write & live
-    folded = _as(key_features(leaving[..., :head_dim]), torch.float32)  # [B, H, 1, F]
-    if fold is not None:
-        folded = folded * fold[:, :, None, None]
-    state.kv.view(batch, kv_heads, heads // kv_heads, feat, value_width).addcmul_(
-        folded.view(batch, kv_heads, heads // kv_heads, feat, 1),
-        _as(leaving[..., head_dim:], torch.float32).view(batch, kv_heads, 1, 1, value_width),
-    )
+    if not spec.cache_size:
+        folded = _as(key_features(leaving[..., :head_dim]), torch.float32)  # [B, H, 1, F]
+        if fold is not None:
+            folded = folded * fold[:, :, None, None]
+        state.kv.view(batch, kv_heads, heads // kv_heads, feat, value_width).addcmul_(
+            folded.view(batch, kv_heads, heads // kv_heads, feat, 1),
+            _as(leaving[..., head_dim:], torch.float32).view(batch, kv_heads, 1, 1, value_width),
+        )
     if slots:
         new_pos = state.seen[:, None]
         if write is not None:
@@ -680,11 +783,15 @@ def attend_state(
     g = _as(gamma, torch.float32)
     total = (_as(fq, torch.float32) * g.view(1, heads, 1, 1)) @ state.kv  # [B, H, 1, D + 1]
     if slots:
-        ring = _as(state.ring, torch.float32)
+        cached = state.cache is not None
+        ring = _as(torch.cat([state.ring, state.cache], dim=2) if cached else state.ring, torch.float32)
         grouped_q = _as(q, torch.float32).reshape(batch, kv_heads, groups, head_dim) * spec.scaling
-        scores = grouped_q @ ring[..., :head_dim].transpose(-1, -2)  # [B, Hkv, G, C]
-        if masked:
-            scores = scores.masked_fill((state.positions < 0)[:, None, None, :], -1e30)  # empty: weight 0
+        scores = grouped_q @ ring[..., :head_dim].transpose(-1, -2)  # [B, Hkv, G, C (+ cache)]
+        if masked or cached:
+            empty = (state.positions < 0)[:, None, None, :]
+            if cached:
+                empty = torch.cat([empty.expand(-1, kv_heads, -1, -1), (state.cache_positions < 0)[:, :, None]], -1)
+            scores = scores.masked_fill(empty, -1e30)  # empty: weight 0
         # (1 - g) e^(s - m) as one exp: the log-share joins the max shift (g = 1: weight 0)
         shift = scores.amax(dim=-1, keepdim=True) - torch.log1p(-g).view(1, kv_heads, groups, 1)
         total = total + (torch.exp(scores - shift) @ ring[..., head_dim:]).view(batch, heads, 1, width)
@@ -699,26 +806,42 @@ def hybrid_attention_continue(
     fk: torch.Tensor,
     gamma: torch.Tensor,
     state: RecurrentState,
-    ring_features: torch.Tensor,
+    ring_features: torch.Tensor | None,
     spec: AttentionSpec,
     *,
     valid: torch.Tensor | None = None,
     chunk_size: int = 64,
+    key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """T new tokens from ``state`` (any T, any padding); returns out [B, H, T, D] fp32 and a new state.
 
     q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], fq, fk [B, H, T, F], valid [B, T];
     ring_features [B, H, C, F]: phi of ``state.keys`` (repeated to the query heads). Chunk by chunk,
     the queries attend to the ring and the chunk's keys through position masks and to S, z.
+
+    With a global cache (``spec.cache_size`` > 0) this is the forward itself: ``key_features`` (the
+    layer's map of keys per KV head) is needed, ``ring_features`` is recomputed, and chunks are cut
+    where any row starts a block, so that each chunk lies in one block of every row and the cache is
+    chosen between chunks (``choose_cache``), exactly where a decode step chooses it.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if spec.cache_size and key_features is None:
+        raise ValueError("a global cache is chosen by the key feature map: pass key_features")
     batch, heads, length, _ = q.shape
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    starts = list(range(0, length, chunk_size))
+    if spec.cache_size:
+        positions = token_positions(valid, state.seen)
+        block_starts = (valid & (positions % spec.block == 0)).any(dim=0).nonzero().flatten().tolist()
+        starts = sorted(set(starts) | set(block_starts))
     outputs = []
-    for start in range(0, length, chunk_size):
-        part = slice(start, start + chunk_size)
+    for start, end in zip(starts, starts[1:] + [length]):
+        part = slice(start, end)
+        if spec.cache_size:
+            state = choose_cache(state, spec, key_features)
+            ring_features = key_features(state.keys)
         out, state, ring_features = _continue_chunk(
             q[:, :, part], k[:, :, part], v[:, :, part], fq[:, :, part], fk[:, :, part], gamma, state,
             ring_features, spec, valid[:, part],
@@ -727,6 +850,34 @@ def hybrid_attention_continue(
     if not outputs:
         return q.new_zeros(batch, heads, 0, v.shape[-1], dtype=torch.float32), state
     return torch.cat(outputs, dim=2), state
+
+
+def hybrid_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gamma: torch.Tensor,
+    spec: AttentionSpec,
+    key_features: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    valid: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, RecurrentState]:
+    """A fresh sequence with a global cache: ``hybrid_attention_continue`` from an empty state.
+
+    q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D] (per KV head), fq, fk [B, H, T, F]; returns
+    out [B, H, T, D] fp32 and the state after the sequence, which a decode step continues.
+    """
+    batch, heads, _, head_dim = q.shape
+    state = RecurrentState.empty(batch, heads, k.shape[1], head_dim, v.shape[-1], fq.shape[-1], spec, q.device,
+                                 k.dtype)
+    if initial_state is not None:
+        state = state.with_prefix(*initial_state)
+    return hybrid_attention_continue(q, k, v, fq, fk, gamma, state, None, spec, valid=valid, chunk_size=chunk_size,
+                                     key_features=key_features)
 
 
 def _continue_chunk(q, k, v, fq, fk, gamma, state, ring_features, spec, valid):
@@ -738,14 +889,25 @@ def _continue_chunk(q, k, v, fq, fk, gamma, state, ring_features, spec, valid):
     features = torch.cat([ring_features.float(), fk.float()], dim=2)
     key_pos = torch.cat([state.positions, query_pos], dim=1)
     key_valid = torch.cat([state.positions >= 0, valid], dim=1)
-    soft, lin = part_masks(query_pos, key_pos, key_valid, spec.window, spec.sinks)
-    scores = q @ expand_kv_heads(keys.float(), groups).transpose(-1, -2) * spec.scaling
-    weights = _mix(scores, fq @ features.transpose(-1, -2), soft, lin, gamma.float())
+    soft, lin = part_masks(query_pos, key_pos, key_valid, spec.window, spec.sinks, spec.block)
+    attended_keys, attended_values, feature_scores = keys, values, fq @ features.transpose(-1, -2)
+    if state.cache is not None:  # the cached keys are in every query's softmax part
+        head_dim = keys.shape[-1]
+        attended_keys = torch.cat([keys, state.cache[..., :head_dim]], dim=2)
+        attended_values = torch.cat([values, state.cache[..., head_dim:]], dim=2)
+        in_cache = expand_kv_heads((state.cache_positions >= 0)[..., None], groups).transpose(-1, -2)  # [B, H, 1, G]
+        in_cache = in_cache.expand(-1, -1, q.shape[2], -1)
+        soft = torch.cat([soft.expand(-1, q.shape[1], -1, -1), in_cache], dim=-1)
+        lin = torch.cat([lin.expand(-1, q.shape[1], -1, -1), torch.zeros_like(in_cache)], dim=-1)
+        feature_scores = torch.nn.functional.pad(feature_scores, (0, in_cache.shape[-1]))
+    scores = q @ expand_kv_heads(attended_keys.float(), groups).transpose(-1, -2) * spec.scaling
+    weights = _mix(scores, feature_scores, soft, lin, gamma.float())
     g = gamma.float()[None, :, None, None]
-    total = weights @ expand_kv_heads(values[..., :-1].float(), groups) + g * (fq @ state.kv)[..., :-1]
+    total = weights @ expand_kv_heads(attended_values[..., :-1].float(), groups) + g * (fq @ state.kv)[..., :-1]
     denominator = weights.sum(dim=-1, keepdim=True) + g * (fq @ state.z[..., None]) + spec.eps
     seen = state.seen + valid.long().sum(dim=-1)
     new_state, new_features = _fold_and_ring(keys, values, features, key_pos, key_valid, seen, spec, state.kv)
+    new_state = replace(new_state, cache=state.cache, cache_positions=state.cache_positions)
     return total / denominator, new_state, new_features
 
 
@@ -765,8 +927,10 @@ def hybrid_attention_recurrent(
 
     q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, D], fq, fk [B, H, T, F]. Each step's leaving
     features are looked up in ``fk`` by the leaving key's position. The state is updated in place,
-    so this form gives values, not gradients.
+    so this form gives values, not gradients. Without a global cache (its choice needs the feature map:
+    with one, decode through a model).
     """
+    _refuse_cache(spec, "hybrid_attention_recurrent")
     batch, heads, length, head_dim = q.shape
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+from .attention_math import AttentionSpec
+
 FEATURE_MAP_NAMES = ("hedgehog", "based")
 
 
@@ -36,6 +38,11 @@ class LinearAttentionOptions:
         softmax_layers: layer indices kept as the teacher's softmax attention.
         chunk_size: tokens per chunk in the chunked form, at least the window (speed and memory, not the math).
         eps: added to the normaliser.
+        global_cache: keys per KV head kept in the softmax part after they leave the window, chosen
+            at run time as the ones the linear state recalls worst (LoLA, arXiv 2505.23666); 0 = none.
+            Training-free: it needs no new weights, so it can be set on any trained model.
+        global_cache_block: with a global cache, the window moves and the cache is chosen every this
+            many tokens (a query sees between ``window`` and ``window + block - 1`` window keys).
     """
 
     attention: str = "hedgehog"
@@ -48,6 +55,8 @@ class LinearAttentionOptions:
     softmax_layers: list[int] = field(default_factory=list)
     chunk_size: int = 64
     eps: float = 1e-6
+    global_cache: int = 0
+    global_cache_block: int = 64
 
     def __post_init__(self) -> None:
         if self.feature_map not in FEATURE_MAP_NAMES:
@@ -59,6 +68,10 @@ class LinearAttentionOptions:
             ("init_gamma", 0.0 < self.init_gamma < 1.0, "a number strictly between 0 and 1"),
             ("chunk_size", self.chunk_size >= 1, "an integer >= 1"),
             ("eps", self.eps > 0, "a positive number"),
+            ("global_cache", self.global_cache >= 0, "an integer >= 0"),
+            ("global_cache_block", self.global_cache_block >= 1, "an integer >= 1"),
+            ("global_cache", not self.global_cache or self.window >= 1,
+             "0 without a window (the cache keeps keys that leave the window; set window >= 1)"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -68,6 +81,11 @@ class LinearAttentionOptions:
     @property
     def has_softmax_part(self) -> bool:
         return self.window > 0 or self.sink_tokens > 0
+
+    def attention_spec(self, scaling: float = 1.0) -> AttentionSpec:
+        """The attention math these options decide, with the teacher's softmax ``scaling``."""
+        return AttentionSpec(window=self.window, sinks=self.sink_tokens, scaling=scaling, eps=self.eps,
+                             cache_size=self.global_cache, cache_block=self.global_cache_block)
 
     @classmethod
     def from_dict(cls, options: dict) -> LinearAttentionOptions:

@@ -21,10 +21,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.pytorch_utils import Conv1D
 
 from .attention_math import (
-    AttentionSpec,
     StepPlan,
     build_state,
     expand_kv_heads,
+    hybrid_attention_cached,
     hybrid_attention_continue,
     hybrid_attention_step,
     hybrid_attention_torch,
@@ -134,8 +134,16 @@ class LinearAttentionCore(nn.Module):
         self.options = options
         self.num_heads = num_heads
         self.scaling = scaling
-        self.spec = AttentionSpec(window=options.window, sinks=options.sink_tokens, scaling=scaling, eps=options.eps)
+        self.spec = options.attention_spec(scaling)
         self.teacher_window = teacher_window  # the teacher's sliding window (transfer-mode target)
+
+    def set_options(self, options: LinearAttentionOptions) -> None:
+        """Use ``options`` from now on; only fields that need no new weights may differ (window,
+        sinks, the global cache): the feature maps and the mix factor stay as they are."""
+        if options.has_softmax_part and not hasattr(self, "mix_logit"):
+            raise ValueError("this layer was built without a softmax part, so it has no mix factor for one")
+        self.options = options
+        self.spec = options.attention_spec(self.scaling)
 
     def gamma(self, device: torch.device) -> torch.Tensor:
         """Per-head share of the linear part, [H]; 1 when there is no softmax part."""
@@ -173,7 +181,13 @@ class LinearAttentionCore(nn.Module):
         length, groups, spec = q.shape[2], self.num_heads // k.shape[1], self.spec
         fq, gamma = self.feature_map_q(q), self.gamma(q.device)
         state = cache_layer.state if cache_layer is not None else None
-        if state is None:
+        if state is None and spec.cache_size:  # the cache is chosen as the keys arrive, block by block
+            initial = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
+            out, state = hybrid_attention_cached(
+                q, k, v, fq, self.key_features(k), gamma, spec, self.key_features, valid=valid, initial_state=initial,
+                chunk_size=self.options.chunk_size,
+            )
+        elif state is None:
             fk = self.key_features(k)
             initial = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
             out = _hybrid_attention(
@@ -188,7 +202,7 @@ class LinearAttentionCore(nn.Module):
         else:
             out, state = hybrid_attention_continue(
                 q, k, v, fq, self.key_features(k), gamma, state, self.key_features(state.keys), spec, valid=valid,
-                chunk_size=self.options.chunk_size,
+                chunk_size=self.options.chunk_size, key_features=self.key_features,
             )
         if cache_layer is not None:
             cache_layer.set_state(state, length)
@@ -447,8 +461,7 @@ class LinearizedCausalLMMixin:
         state = next((layer.state for layer in cache.layers if getattr(layer, "state", None) is not None), None)
         if state is None:
             return None
-        options = self.linear_attention_options
-        spec = AttentionSpec(window=options.window, sinks=options.sink_tokens)
+        spec = self.linear_attention_options.attention_spec()
         return state.step_plan(spec, check_full=state.seen.device.type == "cpu")
 
     def _padding_aware_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, kwargs: dict):

@@ -179,10 +179,14 @@ def hybrid_attention_decode(
         )
     if slots != spec.capacity:
         raise ValueError(
-            f"the state has {slots} key slots but the spec (window={spec.window}, sinks={spec.sinks}) "
+            f"the state has {slots} key slots but the spec (window={spec.window}, sinks={spec.sinks}, "
+            f"cache block={spec.block}) "
             f"needs {spec.capacity}: it was built for another layer or spec"
         )
-    if uses_triton(backend, q):
+    if spec.cache_size and backend == "triton":
+        raise UserError("backend='triton' has no decode step with a global cache; use backend='auto' (the "
+                        "reference step, whose cache choice runs once per block)")
+    if uses_triton(backend, q) and not spec.cache_size:
         return _kernels().decode_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
     return reference.hybrid_attention_step(q, k, v, fq, gamma, state, spec, key_features, valid=valid, plan=plan)
 

@@ -21,9 +21,11 @@ def evaluated(tiny_folders, tmp_path_factory):
     student, teacher = str(tiny_folders["student"]), str(tiny_folders["teacher"])
     assert main([
         "eval", student, "--teacher", teacher, "--tasks", "linearize_piqa,linearize_lambada_openai",
-        "--limit", "3,linearize_lambada_openai=2", "--perplexity-chunks", "1", "--recall", "--jrt",
-        "--mqar-vocabulary", "ids", "--mqar-lengths", "32,64", "--mqar-kv-pairs", "4", "--mqar-examples", "4",
-        "--passkey-lengths", "64,96", "--out", str(out), "--update-model-card",
+        "--limit", "3,linearize_lambada_openai=2", "--perplexity-chunks", "1", "--perplexity-lengths", "32,64",
+        "--perplexity-start", "0.5", "--recall", "--jrt",
+        "--mqar-vocabulary", "ids", "--mqar-lengths", "32,64", "--mqar-kv-pairs", "4,16", "--mqar-examples", "4",
+        "--passkey-lengths", "64,96", "--passkey-keys", "2", "--configs", "gamma=0;global_cache=4",
+        "--out", str(out), "--update-model-card",
     ]) == 0
     assert main(["bench", "decode", student, "--teacher", teacher, "--lengths", "16,32",
                  "--decode-tokens", "3", "--out", str(out)]) == 0
@@ -40,17 +42,32 @@ def test_eval_records_settings_and_both_models(evaluated, tiny_folders):
         piqa = results["tasks"][role]["linearize_piqa"]
         assert set(piqa["metrics"]) == {"acc", "acc_norm"} and piqa["samples"] == 3 and piqa["num_fewshot"] == 0
         assert results["tasks"][role]["linearize_lambada_openai"]["samples"] == 2
-        assert results["perplexity"][role] > 1
+        assert [entry["chunk_length"] for entry in results["perplexity"]] == [32, 64]
+        assert all(entry[role] > 1 and entry["start"] == 0.5 for entry in results["perplexity"])
         assert set(results["recall"]["curves"][role]["mqar"]) == {"plain", "jrt"}
+        mqar = results["recall"]["curves"][role]["mqar"]["plain"]
+        assert [(p["pairs"], p["length"]) for p in mqar] == [(4, 32), (4, 64), (16, 64)]  # 16 pairs need >= 64
+
+
+def test_frontier_has_a_point_per_configuration(evaluated):
+    frontier = json.loads((evaluated / "eval.json").read_text())["recall"]["frontier"]
+    labels = [p["label"] for p in frontier]
+    assert labels == ["teacher", "student (as trained)", "student (gamma=0.0)", "student (global_cache=4)"]
+    size = {p["label"]: p["state_bytes"] for p in frontier}
+    assert size["student (gamma=0.0)"] == size["student (as trained)"] < size["student (global_cache=4)"]
+    assert size["student (global_cache=4)"] < size["teacher"]  # 4k tokens of KV outweigh a fixed state
+    assert all(0 <= p["passkey"] <= 1 and 0 <= p["mqar"] <= 1 and p["state_context"] == 4096 for p in frontier)
 
 
 def test_report_has_every_section_and_plot(evaluated):
     report = (evaluated / "report.md").read_text()
-    for heading in ("## Tasks (lm-eval)", "## Perplexity", "## Recall", "## Speed and memory", "## Settings"):
+    for heading in ("## Tasks (lm-eval)", "## Perplexity", "## Recall", "## Recall vs state size",
+                    "## Speed and memory", "## Settings"):
         assert heading in report, heading
     assert "| linearize_piqa | acc_norm ↑ |" in report and "Δ (student − teacher)" in report
     assert "lm-eval 0.4" in report and "limit: 3 examples per task, linearize_lambada_openai: 2" in report
-    for image in ("recall.png", "decode.png"):
+    assert "| student (global_cache=4) |" in report
+    for image in ("recall.png", "frontier.png", "decode.png"):
         assert f"]({image})" in report
         assert (evaluated / image).read_bytes().startswith(b"\x89PNG")
     decode = json.loads((evaluated / "decode.json").read_text())
@@ -92,10 +109,13 @@ def test_print_include_path(capsys):
         (["bench", "decode", "{student}", "--lengths", "300"], "error: the student supports 256 positions"),
         (["bench", "decode", "{student}", "--device", "tpu9"], "error: unknown device 'tpu9'"),
         (["eval", "{student}", "--recall", "--passkey-depths", "0,1.5"], "error: passkey depth 1.5 is outside [0, 1]"),
-        (["eval", "{student}", "--recall", "--mqar-lengths", "16,20"], "error: MQAR seq_len 16 cannot hold 8 pairs"),
+        (["eval", "{student}", "--recall", "--mqar-lengths", "16,20"], "error: MQAR with 8 pairs needs a length >= 32"),
+        (["eval", "{student}", "--recall", "--passkey-keys", "0"], "error: passkey keys per depth must be >= 1"),
+        (["eval", "{student}", "--configs", "window=8"], "error: --configs adds points to the recall-state frontier"),
+        (["eval", "{student}", "--recall", "--configs", "windw=8"], "error: bad configuration item 'windw=8'"),
     ],
     ids=["bad-task", "missing-model", "missing-teacher", "no-model", "limit-for-other-task", "too-long", "bad-device",
-         "bad-depth", "mqar-too-short"],
+         "bad-depth", "mqar-too-short", "no-passkeys", "configs-without-recall", "bad-config"],
 )
 def test_user_mistakes_are_one_line_errors(arguments, message, tiny_folders, tmp_path, capsys):
     argv = [a.format(student=tiny_folders["student"], tmp=tmp_path) for a in arguments]
@@ -103,3 +123,13 @@ def test_user_mistakes_are_one_line_errors(arguments, message, tiny_folders, tmp
     error = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in error and "Traceback" not in error
     assert not (tmp_path / "out").exists(), "nothing is written after a user mistake"
+
+
+def test_eval_without_lm_eval_tasks(tiny_folders, tmp_path):
+    """--tasks none: only perplexity (and recall when asked), no lm-eval run."""
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_folders["student"]), "--tasks", "none", "--perplexity-chunks", "1",
+                 "--perplexity-lengths", "32", "--out", str(out)]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert results["tasks"] == {} and results["perplexity"][0]["student"] > 1
+    assert "## Perplexity" in (out / "report.md").read_text()
