@@ -67,6 +67,7 @@ class AttentionSection(Section):
     # A LoLA-style global cache (training-free; attention transfer fits the maps on the window alone).
     global_cache: NonNegativeInt | None = None
     global_cache_block: PositiveInt | None = None
+    fixed_gamma: float | None = None  # a fixed linear share instead of the learned mix factor
     softmax_layers: list[NonNegativeInt] = []
     # After attention transfer, also keep as softmax the k layers with the highest transfer loss.
     auto_softmax_layers: NonNegativeInt = 0
@@ -282,6 +283,11 @@ class Recipe(Section):
         if self.attention.auto_softmax_layers and not self.attention_transfer.enabled:
             raise ValueError(
                 "attention.auto_softmax_layers ranks layers by transfer loss, so attention_transfer.enabled must be true"
+            )
+        if self.attention.fixed_gamma == 0 and self.attention_transfer.enabled:
+            raise ValueError(
+                "attention.fixed_gamma: 0 takes the linear part out of every output, so attention transfer has "
+                "nothing to fit; fix: set attention_transfer.enabled: false (the maps then only choose the cache)"
             )
         if self.finetune.enabled and self.finetune.distill.weight > 0 and self.finetune.steps == 0:
             raise ValueError("finetune.distill.weight > 0 needs finetune.steps > 0")

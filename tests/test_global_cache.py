@@ -291,7 +291,7 @@ def test_inference_options_refuse_bad_input():
         parse_config("window=big")
     assert parse_config("window=8, softmax_layers=0+1,gamma=0") == {"window": 8, "softmax_layers": [0, 1], "gamma": 0.0}
     model = converted("llama", "window_hedgehog")
-    with pytest.raises(UserError, match="gamma must be in"):
+    with pytest.raises(UserError, match="fixed_gamma"):
         apply_inference_options(model, {"gamma": 2.0})
     with pytest.raises(UserError, match="global_cache"):
         apply_inference_options(model, {"window": 0, "sink_tokens": 0, "global_cache": 4})

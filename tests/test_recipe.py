@@ -70,6 +70,9 @@ MALFORMED = [
     ("attention_transfer.loss", {"xent": 0, "mse": 0}, "at least one of xent and mse must be > 0"),
     ("finetune.lora.dropout", 1.5, "'finetune.lora.dropout': Input should be less than 1 (got 1.5)"),
     ("attention_transfer.warmup_steps", 99, "warmup_steps (99) cannot exceed steps (4)"),
+    ("attention.fixed_gamma", 0, "attention transfer has nothing to fit; fix: set attention_transfer.enabled: false"),
+    ("attention.fixed_gamma", 1.5, "linear attention option 'fixed_gamma' must be null or a number in [0, 1]"),
+    ("attention.global_cache", -1, "'attention.global_cache': Input should be greater than or equal to 0"),
 ]
 
 
@@ -101,6 +104,9 @@ def test_every_conversion_option_can_be_set_from_a_recipe(tmp_path, tiny_model_f
     recipe["attention"].update(feature_map="based", feature_dim=4, jrt=True, eps=1e-3, chunk_size=16, init_gamma=0.2)
     options = attention_options(recipe["attention"]["name"], **validate_recipe(recipe).attention.options())
     assert (options.feature_map, options.feature_dim, options.jrt, options.eps, options.chunk_size) == ("based", 4, True, 1e-3, 16)
+    recipe["attention"].update(global_cache=8, global_cache_block=4, fixed_gamma=0.25)
+    options = attention_options(recipe["attention"]["name"], **validate_recipe(recipe).attention.options())
+    assert (options.global_cache, options.global_cache_block, options.fixed_gamma) == (8, 4, 0.25)
 
 
 def test_impossible_combination_is_rejected(tmp_path, tiny_model_folder):

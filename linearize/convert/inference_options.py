@@ -17,7 +17,7 @@ from linearize.hf.configuration_linearized import LinearAttentionOptions
 from linearize.hf.modeling_linearized import LinearAttentionCore
 
 # Fields of LinearAttentionOptions that change the math but no weight.
-ATTENTION_FIELDS = ("window", "sink_tokens", "global_cache", "global_cache_block")
+ATTENTION_FIELDS = ("window", "sink_tokens", "global_cache", "global_cache_block", "fixed_gamma")
 CONFIG_KEYS = (*ATTENTION_FIELDS, "gamma", "softmax_layers")
 
 
@@ -31,7 +31,7 @@ def parse_config(text: str) -> dict:
         if not sep or key not in CONFIG_KEYS:
             raise UserError(f"bad configuration item {item!r}. Fix: write key=value with key one of {', '.join(CONFIG_KEYS)}")
         try:
-            if key == "gamma":
+            if key in ("gamma", "fixed_gamma"):
                 config[key] = float(value)
             elif key == "softmax_layers":
                 config[key] = [int(i) for i in value.split("+") if i.strip()]
@@ -53,8 +53,8 @@ def config_label(config: dict) -> str:
 def apply_inference_options(model: torch.nn.Module, config: dict) -> torch.nn.Module:
     """Apply ``config`` (keys of ``CONFIG_KEYS``) to a linearized ``model`` in place and return it.
 
-    ``gamma`` sets every linear layer's share of the linear part (0: the softmax part only, 1: the
-    linear part only; it needs a window or sinks). ``softmax_layers`` gives those layers back the
+    ``gamma`` (or ``fixed_gamma``) fixes every linear layer's share of the linear part (0: the
+    softmax part only, 1: the linear part only; it needs a window or sinks). ``softmax_layers`` gives those layers back the
     teacher's softmax attention with the student's own projections.
     """
     options = getattr(model.config, "linear_attention", None)
@@ -63,6 +63,9 @@ def apply_inference_options(model: torch.nn.Module, config: dict) -> torch.nn.Mo
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise UserError(f"unknown configuration key(s) {unknown}. Fix: use {', '.join(CONFIG_KEYS)}")
+    config = dict(config)
+    if "gamma" in config:  # the short name of fixed_gamma
+        config["fixed_gamma"] = config.pop("gamma")
     updated = {**options, **{key: config[key] for key in ATTENTION_FIELDS if key in config}}
     try:
         resolved = LinearAttentionOptions.from_dict(updated)
@@ -83,18 +86,4 @@ def apply_inference_options(model: torch.nn.Module, config: dict) -> torch.nn.Mo
     model.config.linear_attention = resolved.to_dict()
     for core in cores:
         core.set_options(resolved)
-    if "gamma" in config:
-        _set_gamma(cores, config["gamma"], resolved)
     return model
-
-
-def _set_gamma(cores: list, gamma: float, options: LinearAttentionOptions) -> None:
-    if not 0.0 <= gamma <= 1.0:
-        raise UserError(f"gamma must be in [0, 1], got {gamma}")
-    if not options.has_softmax_part:
-        raise UserError("gamma needs a softmax part (window or sink_tokens > 0): without one the linear part is all")
-    # sigmoid(+-inf) is exactly 1 or 0, so gamma = 0 removes the linear part from the output entirely.
-    logit = float("inf") if gamma == 1.0 else float("-inf") if gamma == 0.0 else float(torch.logit(torch.tensor(gamma)))
-    with torch.no_grad():
-        for core in cores:
-            core.mix_logit.fill_(logit)

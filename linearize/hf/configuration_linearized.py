@@ -43,6 +43,9 @@ class LinearAttentionOptions:
             Training-free: it needs no new weights, so it can be set on any trained model.
         global_cache_block: with a global cache, the window moves and the cache is chosen every this
             many tokens (a query sees between ``window`` and ``window + block - 1`` window keys).
+        fixed_gamma: a fixed share of the linear part in [0, 1] for every head, instead of the learned
+            mix factor (null: learned). 0 leaves the softmax part alone (window, sinks, global cache);
+            the linear state is then only the cache's yardstick.
     """
 
     attention: str = "hedgehog"
@@ -57,6 +60,7 @@ class LinearAttentionOptions:
     eps: float = 1e-6
     global_cache: int = 0
     global_cache_block: int = 64
+    fixed_gamma: float | None = None
 
     def __post_init__(self) -> None:
         if self.feature_map not in FEATURE_MAP_NAMES:
@@ -72,6 +76,9 @@ class LinearAttentionOptions:
             ("global_cache_block", self.global_cache_block >= 1, "an integer >= 1"),
             ("global_cache", not self.global_cache or self.window >= 1,
              "0 without a window (the cache keeps keys that leave the window; set window >= 1)"),
+            ("fixed_gamma", self.fixed_gamma is None or 0.0 <= self.fixed_gamma <= 1.0, "null or a number in [0, 1]"),
+            ("fixed_gamma", self.fixed_gamma is None or self.has_softmax_part,
+             "null without a softmax part (window or sink_tokens > 0): the linear part is then everything"),
         ]
         for name, ok, expected in checks:
             if not ok:

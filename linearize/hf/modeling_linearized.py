@@ -147,6 +147,8 @@ class LinearAttentionCore(nn.Module):
 
     def gamma(self, device: torch.device) -> torch.Tensor:
         """Per-head share of the linear part, [H]; 1 when there is no softmax part."""
+        if self.options.fixed_gamma is not None:
+            return torch.full((self.num_heads,), self.options.fixed_gamma, device=device)
         if self.options.has_softmax_part:
             return torch.sigmoid(self.mix_logit)
         return torch.ones(self.num_heads, device=device)
