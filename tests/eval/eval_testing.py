@@ -58,11 +58,13 @@ class InductionOracle(torch.nn.Module):
                 best_length, best_next = length, ids[j + self.offset]
         return best_next
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutput:
         batch, length = input_ids.shape
         logits = torch.zeros(batch, length, self.vocab_size)
         for row in range(batch):
             ids = input_ids[row].tolist()
             for t in range(length):
                 logits[row, t, self._predict(ids, t)] = 1.0
-        return CausalLMOutput(logits=logits)
+        # As transformers' causal LMs: an int keeps the last positions (0: all), a tensor those indices.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return CausalLMOutput(logits=logits[:, keep])

@@ -109,7 +109,7 @@ class PrefixSpy(InductionOracle):
 
     def forward(self, input_ids, **kwargs):
         self.prefixes.append(kwargs.get("jrt_prefix_length"))
-        return super().forward(input_ids)
+        return super().forward(input_ids, kwargs.get("logits_to_keep", 0))
 
 
 @pytest.mark.parametrize("jrt_model", [True, False], ids=["jrt-model", "other-model"])
