@@ -246,3 +246,21 @@ def converted_from_folder(folder: Path, attention: str, **options) -> dict[str, 
     model, _ = linearize.load(folder)
     student = linearize.convert(model, attention=attention, seed=0, **options)
     return {name: p.detach().float() for name, p in student.named_parameters()}
+
+
+def test_training_free_cache_recipe_exports_the_model_it_scored(tmp_path, tiny_model_folder):
+    """The shape of recipes/smollm2_recall.yaml: no training stage, a global cache, gamma fixed at 0."""
+    recipe = tiny_recipe(tiny_model_folder, tmp_path / "run")
+    recipe["attention"].update({"fixed_gamma": 0.0, "global_cache": 3, "global_cache_block": 4})
+    recipe["attention_transfer"] = {"enabled": False}
+    recipe["finetune"] = {"enabled": False}
+    recipe["eval"]["perplexity_chunks"] = 2
+    run_to_end(write_recipe(tmp_path, recipe))
+    export = tmp_path / "run" / "export"
+    options = json.loads((export / "config.json").read_text())["linear_attention"]
+    assert (options["global_cache"], options["global_cache_block"], options["fixed_gamma"]) == (3, 4, 0.0)
+    assert not (tmp_path / "run" / "attention_transfer").exists() and not (tmp_path / "run" / "finetune").exists()
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    chunks = chunk_tokens(AutoTokenizer.from_pretrained(export), read_corpus("wikitext2"), 512, 2)
+    assert perplexity(model, chunks, progress=False) == pytest.approx(metrics["untrained_perplexity"], rel=1e-5)

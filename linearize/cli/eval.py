@@ -12,7 +12,7 @@ from linearize.cli.arguments import float_list, int_list, limit_spec
 from linearize.errors import UserError
 from linearize.eval.decode_bench import DEFAULT_LENGTHS
 from linearize.eval.frontier import STATE_CONTEXT
-from linearize.eval.recall import RecallSettings
+from linearize.eval.recall import PASSKEY_HAYSTACKS, RecallSettings
 from linearize.eval.sampling import SamplingSettings
 from linearize.eval.tasks import GROUP
 
@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     parser.add_argument("--passkey-depths", type=float_list, default=RecallSettings.passkey_depths)
     parser.add_argument("--passkey-keys", type=int, default=RecallSettings.passkey_keys,
                         help="passkeys per depth and length, each a different random key (default 1)")
+    parser.add_argument("--passkey-haystack", choices=PASSKEY_HAYSTACKS, default=RecallSettings.passkey_haystack,
+                        help="what the needle hides in: repeated filler sentences (default), or spans of "
+                             "real text from WikiText-2's first half")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recall tests")
     parser.add_argument(
         "--configs", default="",
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         mqar_lengths=tuple(args.mqar_lengths), mqar_kv_pairs=tuple(args.mqar_kv_pairs),
         mqar_examples=args.mqar_examples, mqar_vocabulary=args.mqar_vocabulary,
         passkey_lengths=tuple(args.passkey_lengths), passkey_depths=tuple(args.passkey_depths),
-        passkey_keys=args.passkey_keys, jrt=args.jrt, jrt_prefix=args.jrt_prefix, seed=args.seed,
+        passkey_keys=args.passkey_keys, passkey_haystack=args.passkey_haystack, jrt=args.jrt, jrt_prefix=args.jrt_prefix, seed=args.seed,
     )
     configs = _student_configs(args)
     if args.recall:
@@ -234,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         if args.recall:
             curves = recall_curves(model, tokenizer, recall_settings)
             results["recall"]["curves"][role] = curves
-            label = role if role == "teacher" else "student (as trained)"
+            label = role if role == "teacher" else "student (as exported)"
             results["recall"]["frontier"].append(frontier_point(label, model, curves, context=args.state_context))
             if role == "student":
                 for config in configs:

@@ -43,9 +43,9 @@ def parse_config(text: str) -> dict:
 
 
 def config_label(config: dict) -> str:
-    """A short name of a configuration for tables and plots (``"as trained"`` when empty)."""
+    """A short name of a configuration for tables and plots (``"as exported"`` when empty)."""
     if not config:
-        return "as trained"
+        return "as exported"
     return ", ".join(f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
                      for key, value in config.items())
 

@@ -2,7 +2,7 @@
 
 BASED (Arora et al. 2024, arXiv 2402.18668) plots recall against recurrent state size to show a
 trade-off curve; this is that figure for converted models. Each point is a model configuration
-(the teacher, the student as trained, the student with a training-free change such as a global
+(the teacher, the student as exported, the student with a training-free change such as a global
 cache, another window, gamma = 0 or layers given back their softmax attention), with
 * x: the decode state at a given context: the teacher's KV cache; the student's fixed-size
   recurrent states plus the KV cache of any softmax layer;

@@ -9,9 +9,11 @@ sequence. That equals greedy decoding of the answer, without a generation loop.
   values are distinct tokens from disjoint halves of a vocabulary; the filler is drawn from the
   value half, so a key occurs only in its pair and its query. Each value predicted after its query
   key is one answer. ``seq_len`` is the length without JRT.
-* **Passkey** (needle in a haystack): a 5-digit key hidden at a relative depth of a haystack of
-  repeated filler sentences, then ``What is the pass key? The pass key is``; the answer is the key's
-  tokens, all of which must be right. The context length counts tokens before the question.
+* **Passkey** (needle in a haystack): a 5-digit key hidden at a relative depth of a haystack, then ``What is the pass key? The pass key is``; the answer is the key's
+  tokens, all of which must be right. The context length counts tokens before the question. The
+  haystack is repeated filler sentences (``filler``, the common test), or a random span of real
+  text (``wikitext``: WikiText-2's first half, the perplexity tests use the second), which a
+  linear memory cannot compress the way it compresses a repetition.
 * **JRT-Prompt** (Arora et al. 2024, arXiv 2407.05483): the context (MQAR's pairs, the passkey
   haystack) is given twice, so a recurrent model sees every fact again after knowing the question
   shape. It makes sequences longer by one context.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from linearize.corpora import read_corpus
 from linearize.errors import UserError
 
 
@@ -132,19 +135,33 @@ def _check_depth(depth: float) -> None:
         raise UserError(f"passkey depth {depth} is outside [0, 1]. Fix: give depths as fractions like 0,0.5,1")
 
 
+PASSKEY_HAYSTACKS = ("filler", "wikitext")
+
+
+def _check_haystack(haystack: str) -> None:
+    if haystack not in PASSKEY_HAYSTACKS:
+        raise UserError(f"unknown passkey haystack {haystack!r}. Fix: use one of {', '.join(PASSKEY_HAYSTACKS)}")
+
+
 def passkey_examples(
     tokenizer: PreTrainedTokenizerBase, *, context_length: int, depths: Sequence[float], seed: int = 0,
-    jrt: bool = False, keys_per_depth: int = 1,
+    jrt: bool = False, keys_per_depth: int = 1, haystack: str = "filler",
 ) -> list[RecallExample]:
     """``keys_per_depth`` passkey examples per depth (0 = needle first, 1 = needle last), each with its
-    own random key, at ``context_length`` tokens."""
+    own random key (and, for the ``wikitext`` haystack, its own span of text), at ``context_length`` tokens."""
     if keys_per_depth < 1:
         raise UserError(f"passkey keys per depth must be >= 1, got {keys_per_depth}")
+    _check_haystack(haystack)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    intro, filler, question = encode(PASSKEY_INTRO), encode(PASSKEY_FILLER), encode(PASSKEY_QUESTION)
+    intro, question = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION)
+    if haystack == "filler":
+        text = encode(PASSKEY_FILLER)
+    else:
+        corpus = read_corpus("wikitext2")
+        text = encode(corpus[: len(corpus) // 2])
     rng = random.Random(seed)
     examples = []
     for depth in (depth for depth in depths for _ in range(keys_per_depth)):
@@ -159,9 +176,16 @@ def passkey_examples(
                 f"passkey context_length {context_length} is shorter than the instructions and the needle "
                 f"({len(intro) + len(needle)} tokens). Fix: use a longer context"
             )
-        haystack = (filler * (haystack_length // len(filler) + 1))[:haystack_length]
+        if haystack == "filler":
+            hay = (text * (haystack_length // len(text) + 1))[:haystack_length]
+        else:
+            if haystack_length > len(text):
+                raise UserError(f"passkey context_length {context_length} is longer than the wikitext haystack "
+                                f"({len(text)} tokens). Fix: use a shorter context or the filler haystack")
+            start = rng.randint(0, len(text) - haystack_length)
+            hay = text[start : start + haystack_length]
         at = round(depth * haystack_length)
-        context = intro + haystack[:at] + needle + haystack[at:]
+        context = intro + hay[:at] + needle + hay[at:]
         prefix = _context(context, jrt) + question
         answer = [len(prefix) - 1 + i for i in range(len(key))]  # the question's last token predicts key[0]
         examples.append(RecallExample(prefix + key, [answer], context_length=len(prefix)))
@@ -219,6 +243,7 @@ class RecallSettings:
     passkey_lengths: tuple[int, ...] = (256, 512, 1024)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_keys: int = 1  # examples (keys) per depth and length
+    passkey_haystack: str = "filler"  # "filler": repeated sentences; "wikitext": spans of real text
     jrt: bool = False  # also score every test with JRT-Prompt
     jrt_prefix: bool = False  # a JRT-RNN model reads each context as its non-causal prefix
     seed: int = 0
@@ -235,6 +260,7 @@ class RecallSettings:
             raise UserError(f"passkey keys per depth must be >= 1, got {self.passkey_keys}")
         for depth in self.passkey_depths:
             _check_depth(depth)
+        _check_haystack(self.passkey_haystack)
 
     def mqar_lengths_for(self, pairs: int) -> list[int]:
         """The lengths that hold ``pairs`` pairs and their queries."""
@@ -271,7 +297,7 @@ def recall_curves(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, se
         curves["passkey"][prompt] = [
             {"length": length, "accuracy": recall_accuracy(model, passkey_examples(
                 tokenizer, context_length=length, depths=settings.passkey_depths, seed=settings.seed, jrt=jrt,
-                keys_per_depth=settings.passkey_keys,
+                keys_per_depth=settings.passkey_keys, haystack=settings.passkey_haystack,
             ), jrt_prefix=settings.jrt_prefix)}
             for length in settings.passkey_lengths
         ]

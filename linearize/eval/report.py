@@ -58,7 +58,7 @@ def result_sections(
         sections.append(
             f"{heading} Recall\n\nMQAR accuracy, per key-value pair count and length:\n\n"
             f"{tables.recall_table(recall['curves'], 'mqar')}\n\nPasskey retrieval accuracy "
-            f"(depths {recall['settings']['passkey_depths']}):\n\n{tables.recall_table(recall['curves'], 'passkey')}"
+            f"({recall['settings'].get('passkey_haystack', 'filler')} haystack, depths {recall['settings']['passkey_depths']}):\n\n{tables.recall_table(recall['curves'], 'passkey')}"
         )
         if recall.get("frontier"):
             sections.append(f"{heading} Recall vs state size\n\n{tables.frontier_table(recall['frontier'])}")

@@ -24,7 +24,7 @@ def evaluated(tiny_folders, tmp_path_factory):
         "--limit", "3,linearize_lambada_openai=2", "--perplexity-chunks", "1", "--perplexity-lengths", "32,64",
         "--perplexity-start", "0.5", "--recall", "--jrt",
         "--mqar-vocabulary", "ids", "--mqar-lengths", "32,64", "--mqar-kv-pairs", "4,16", "--mqar-examples", "4",
-        "--passkey-lengths", "64,96", "--passkey-keys", "2", "--configs", "gamma=0;global_cache=4",
+        "--passkey-lengths", "64,96", "--passkey-keys", "2", "--passkey-haystack", "wikitext", "--configs", "gamma=0;global_cache=4",
         "--out", str(out), "--update-model-card",
     ]) == 0
     assert main(["bench", "decode", student, "--teacher", teacher, "--lengths", "16,32",
@@ -47,14 +47,16 @@ def test_eval_records_settings_and_both_models(evaluated, tiny_folders):
         assert set(results["recall"]["curves"][role]["mqar"]) == {"plain", "jrt"}
         mqar = results["recall"]["curves"][role]["mqar"]["plain"]
         assert [(p["pairs"], p["length"]) for p in mqar] == [(4, 32), (4, 64), (16, 64)]  # 16 pairs need >= 64
+    assert results["recall"]["settings"]["passkey_haystack"] == "wikitext"
+    assert "Passkey retrieval accuracy (wikitext haystack" in (evaluated / "report.md").read_text()
 
 
 def test_frontier_has_a_point_per_configuration(evaluated):
     frontier = json.loads((evaluated / "eval.json").read_text())["recall"]["frontier"]
     labels = [p["label"] for p in frontier]
-    assert labels == ["teacher", "student (as trained)", "student (gamma=0.0)", "student (global_cache=4)"]
+    assert labels == ["teacher", "student (as exported)", "student (gamma=0.0)", "student (global_cache=4)"]
     size = {p["label"]: p["state_bytes"] for p in frontier}
-    assert size["student (gamma=0.0)"] == size["student (as trained)"] < size["student (global_cache=4)"]
+    assert size["student (gamma=0.0)"] == size["student (as exported)"] < size["student (global_cache=4)"]
     assert size["student (global_cache=4)"] < size["teacher"]  # 4k tokens of KV outweigh a fixed state
     assert all(0 <= p["passkey"] <= 1 and 0 <= p["mqar"] <= 1 and p["state_context"] == 4096 for p in frontier)
 

@@ -69,6 +69,26 @@ def test_passkey_examples_and_perfect_copier(jrt):
     assert recall_accuracy(InductionOracle(VOCAB, offset=2), examples) == 0.0
 
 
+def test_passkey_wikitext_haystack_hides_the_key_in_real_text():
+    tokenizer = tiny_tokenizer()
+    examples = passkey_examples(tokenizer, context_length=200, depths=[0.0, 0.5, 1.0], seed=3, haystack="wikitext")
+    assert examples == passkey_examples(tokenizer, context_length=200, depths=[0.0, 0.5, 1.0], seed=3,
+                                        haystack="wikitext")
+    filler = passkey_examples(tokenizer, context_length=200, depths=[0.5], seed=3)[0]
+    question = len(tokenizer.encode(" What is the pass key? The pass key is", add_special_tokens=False))
+    for example in examples:
+        assert len(example.input_ids) == 200 + question + 5
+    # Each example takes its own span of text, and none of it is the filler.
+    assert len({tuple(example.input_ids[-question - 60 : -question - 5]) for example in examples}) == 3
+    assert examples[1].input_ids[:40] != filler.input_ids[:40]
+    assert recall_accuracy(InductionOracle(VOCAB), examples) == 1.0
+    assert recall_accuracy(InductionOracle(VOCAB, offset=2), examples) == 0.0
+    with pytest.raises(UserError, match="unknown passkey haystack 'books'"):
+        passkey_examples(tokenizer, context_length=200, depths=[0.5], haystack="books")
+    with pytest.raises(UserError, match="longer than the wikitext haystack"):
+        passkey_examples(tokenizer, context_length=10**7, depths=[0.5], haystack="wikitext")
+
+
 def test_tokenizer_vocabulary_picks_words():
     tokenizer = tiny_tokenizer()
     ids = tokenizer_vocabulary(tokenizer, 10)
