@@ -152,7 +152,8 @@ def outputs_and_grads(compute, tensors, maps, valid):
     named = dict(tensors)
     for side, fmap in zip("qk", maps):
         named.update({f"phi_{side}.{n}": p for n, p in fmap.named_parameters()})
-    grads = {name: t.grad.clone() for name, t in named.items()}
+    # None: the form never read that input (no key is linear), a zero gradient
+    grads = {name: torch.zeros_like(t) if t.grad is None else t.grad.clone() for name, t in named.items()}
     for t in named.values():
         t.grad = None
     return out * mask, grads, state

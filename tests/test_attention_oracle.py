@@ -365,6 +365,23 @@ def test_gradients_match_brute_force(window_sinks, with_state, form):
         assert error <= ATOL, f"d{name} ({form}): max abs error {error:.3e} > {ATOL:.0e}"
 
 
+@pytest.mark.parametrize("chunks_per_group", [1, 10], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("window_sinks", [(0, 0), (4, 2), (0, 3)], ids=ws_id)
+def test_chunked_groups_of_heads_match_brute_force(window_sinks, chunks_per_group, monkeypatch):
+    """The chunked form splits long inputs into groups of (row, head) sequences: with one sequence
+    per group, or two and three (a group then spans two rows), values and gradients still match the
+    oracle, with a padded row and an initial state."""
+    from linearize.hf import attention_math
+
+    monkeypatch.setattr(attention_math, "CHUNKS_PER_GROUP", chunks_per_group)
+    test_gradients_match_brute_force(window_sinks, True, "chunked4")
+    window, sinks = window_sinks
+    x, valid, gamma, state, expected = _oracle_output(19, window, sinks, True, True)
+    actual = run_form("chunked4", x["q"], x["k"], x["v"], x["fq"], x["fk"], gamma, window=window, sinks=sinks,
+                      scaling=HEAD_DIM**-0.5, valid=valid, initial_state=state)
+    assert_matches("chunked4", expected, actual, valid)
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. Teacher identity: a window covering the sequence is causal softmax attention, whatever gamma
 # --------------------------------------------------------------------------------------------------

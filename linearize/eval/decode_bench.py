@@ -5,7 +5,8 @@ WikiText-2 into a fresh cache, then greedily decodes ``decode_tokens`` more, one
 Measured per (model, L, B):
 
 * prefill seconds (one forward over L tokens, filling the cache);
-* decode tokens/s (the mean over the decode steps, context L and growing);
+* decode tokens/s: rows per second of the median decode step (context L and growing); the median,
+  not the mean, so that a few steps slowed by another process on a shared machine do not decide it;
 * peak memory: on CUDA the peak of allocated memory above what was allocated before; on CPU the
   peak resident set size above the level before, sampled every 10 ms (freed heap is handed
   back to the OS first, so an earlier, longer run does not hide this one's allocations; the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +51,7 @@ class DecodeMeasurement:
     model: str  # role in the comparison, e.g. "teacher" or "student"
     context_length: int
     prefill_seconds: float
-    decode_tokens_per_second: float  # summed over the batch's rows
+    decode_tokens_per_second: float  # summed over the batch's rows, at the median step time
     peak_memory_bytes: int
     cache_bytes: int
     batch: int = 1
@@ -152,15 +154,16 @@ def measure(model: PreTrainedModel, prompt: torch.Tensor, decode_tokens: int, ro
         logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
         synchronize(device)
         prefill_seconds = time.perf_counter() - started
-        started = time.perf_counter()
+        step_seconds = []
         for _ in range(decode_tokens):
+            started = time.perf_counter()
             next_token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             logits = model(input_ids=next_token, cache=cache, use_cache=True).logits
-        synchronize(device)
-        decode_seconds = time.perf_counter() - started
+            synchronize(device)
+            step_seconds.append(time.perf_counter() - started)
     return DecodeMeasurement(
         model=role, context_length=prompt.shape[1], prefill_seconds=prefill_seconds,
-        decode_tokens_per_second=prompt.shape[0] * decode_tokens / decode_seconds, peak_memory_bytes=memory.peak_bytes,
+        decode_tokens_per_second=prompt.shape[0] / statistics.median(step_seconds), peak_memory_bytes=memory.peak_bytes,
         cache_bytes=cache_num_bytes(cache), batch=prompt.shape[0],
     )
 

@@ -30,7 +30,7 @@ formula is plain causal linear attention, o_i = fq_i S_i / (fq_i z_i + eps), for
 
 Every form computes this and they must agree:
     ``hybrid_attention_quadratic``  materialises the [T, T] weights (the spec; attention-transfer loss)
-    ``hybrid_attention_chunked``    all chunks at once in O(T * chunk) (training, long prefill)
+    ``hybrid_attention_chunked``    chunk by chunk in O(T * chunk), many chunks per product (training, prefill)
     ``hybrid_attention_step``       one token from a ``RecurrentState``, in place (decode)
     ``hybrid_attention_continue``   any number of tokens from a state (a second turn, a shared prefix)
     ``hybrid_attention_recurrent``  token by token through the step (a test of the decode path)
@@ -567,7 +567,8 @@ def hybrid_attention_chunked(
     its position), then the sequence is cut into chunks of c = max(chunk_size, window) tokens. A
     query in chunk n sees the softmax part of the window only in chunks n - 1 and n (c >= window),
     so it attends to those two chunks through masks, to the sinks directly, and to chunks 0..n-2
-    through their summed state, a cumulative sum of per-chunk fk^T v (the sinks excluded).
+    through their summed state, a cumulative sum of per-chunk fk^T v (the sinks excluded). Long
+    inputs run in groups of whole (row, head) sequences of about ``CHUNKS_PER_GROUP`` chunks.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -577,81 +578,125 @@ def hybrid_attention_chunked(
     if length == 0:
         return q.new_zeros(batch, heads, 0, v.shape[-1])
     if valid is None or bool(valid.all()):
-        return _chunked_packed(q, k, v, fq, fk, gamma.float(), spec, None, initial_state, chunk_size)
+        return _chunked_by_heads(q, k, v, fq, fk, gamma.float(), spec, initial_state, chunk_size)
     order = pack_left(valid)
     packed = [permute_tokens(t, order) for t in (q, k, v, fq, fk)]
-    out = _chunked_packed(*packed, gamma.float(), spec, valid.gather(1, order), initial_state, chunk_size)
+    out = _chunked_by_heads(*packed, gamma.float(), spec, initial_state, chunk_size)
     return permute_tokens(out, order.argsort(dim=1))
 
 
-def _chunked_packed(q, k, v, fq, fk, gamma, spec, valid, initial_state, chunk_size) -> torch.Tensor:
-    """``hybrid_attention_chunked`` for rows whose real tokens come first (valid: None or right padding).
+# The chunked form runs over groups of (row, head) pairs of about this many chunks: the temporaries of
+# a group stay a few MiB, which the allocator reuses and the caches hold, where whole-sequence
+# temporaries would be fresh pages on every call (on CPU, page faults cost as much as the math).
+CHUNKS_PER_GROUP = 128
 
-    The shares g and 1 - g are folded into fq and the softmax weights, and values carry a column
-    of ones ([v | 1]), so each product yields a numerator and its normaliser at once.
+
+def _chunked_by_heads(q, k, v, fq, fk, gamma, spec, initial_state, chunk_size) -> torch.Tensor:
+    """``_chunked_packed`` over groups of whole (row, head) sequences, each independent of the others."""
+    batch, heads, length, _ = q.shape
+    chunks = -(-length // max(chunk_size, spec.window, 1))
+    per_group = max(1, CHUNKS_PER_GROUP // chunks)
+    if per_group >= batch * heads:
+        return _chunked_packed(q, k, v, fq, fk, gamma, spec, initial_state, chunk_size)
+    rows = [t.reshape(1, batch * heads, *t.shape[2:]) for t in (q, k, v, fq, fk)]
+    gamma = gamma.repeat(batch)
+    if initial_state is not None:
+        initial_state = tuple(t.reshape(1, batch * heads, *t.shape[2:]) for t in initial_state)
+    outputs = []
+    for start in range(0, batch * heads, per_group):
+        part = slice(start, start + per_group)
+        initial = None if initial_state is None else tuple(t[:, part] for t in initial_state)
+        outputs.append(_chunked_packed(*(t[:, part] for t in rows), gamma[part], spec, initial, chunk_size))
+    return torch.cat(outputs, dim=1).view(batch, heads, length, -1)
+
+
+def _chunked_packed(q, k, v, fq, fk, gamma, spec, initial_state, chunk_size) -> torch.Tensor:
+    """``hybrid_attention_chunked`` for rows whose real tokens come first (no padding, or padding last).
+
+    With real tokens first, every causal key of a real query is real, so the masks depend only on
+    the offsets of query and key inside their chunks (and, for the sinks, on the chunk); padding
+    queries compute values the caller drops. The tokens of all rows and heads are cut into one run
+    of R = B * H * N chunks, so that "the previous chunk" is a shifted slice of that run, which
+    matrix products read without a copy; pairs that cross from one row or head to the next are
+    masked. A query attends to its own chunk and the previous one, to the sinks directly, and to
+    chunks 0..n-2 through their summed state.
+
+    The shares are folded in where they cost least: g into fq, log(1 - g) into the softmax shift.
+    Values carry a column of ones ([v | 1]), so each product yields a numerator and its normaliser.
     """
     batch, heads, length, _ = q.shape
-    window, sinks = spec.window, spec.sinks
+    window, sinks = spec.window, min(spec.sinks, length)
     c = max(chunk_size, window, 1)
     n = -(-length // c)
-    padded = n * c
+    padded, runs = n * c, batch * heads * n
     device = q.device
     pad = torch.nn.functional.pad
-    real = torch.ones(batch, length, dtype=torch.bool, device=device) if valid is None else valid
-    real = pad(real, (0, padded - length), value=False)
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, X] -> [B, H, N, c, X]
-        if padded > length:
-            x = pad(x, (0, 0, 0, padded - length))
-        return x.reshape(batch, heads, n, c, x.shape[-1])
+    def chunks(x: torch.Tensor, skip: int = 0) -> torch.Tensor:  # [B, H, T, X] -> [R, c, X]
+        if skip or padded > length:  # ``skip`` leading tokens become zeros (the sinks, in the linear part)
+            x = pad(x[:, :, skip:], (0, 0, skip, padded - length))
+        return x.reshape(runs, c, x.shape[-1])
 
-    def previous(x: torch.Tensor) -> torch.Tensor:  # the previous chunk's rows, zeros before chunk 0
-        return pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]
+    def crossing(shift: int) -> torch.Tensor:  # rows j of a product of run j + shift with run j that cross a head
+        return ((torch.arange(runs - shift, device=device) + shift) % n < shift).nonzero().flatten()
 
-    g = gamma[None, :, None, None, None]
-    v1 = _with_ones(v)
-    qc, kc, v1c, fqc, fkc = (chunks(t) for t in (q * spec.scaling, k, v1, fq, fk))
-    fq_lin = fqc * g  # [B, H, N, c, F]
-    index = torch.arange(padded, device=device).view(n, c)
-    query_pos = index[None, None, :, :, None]  # [1, 1, N, c, 1]
-    key_pos = torch.cat([index - c, index], dim=-1)[None, None, :, None, :]  # previous chunk, then this one
-    key_real = torch.cat([previous(real.view(batch, 1, n, c, 1)), real.view(batch, 1, n, c, 1)], dim=-2)
-    causal = (key_pos <= query_pos) & (key_pos >= sinks) & key_real.view(batch, 1, n, 1, 2 * c)  # sinks: apart
-    in_window = key_pos > query_pos - window
-    soft, lin = causal & in_window, causal & ~in_window
-    v1_previous = previous(v1c)
-    # With c = window every key of a query's own chunk is in its window: the local linear part lies
-    # in the previous chunk only, so only that chunk's feature scores are computed.
-    previous_only = window >= c
-    lin_keys = previous(fkc) if previous_only else torch.cat([previous(fkc), fkc], dim=-2)
-    lin_values = v1_previous if previous_only else torch.cat([v1_previous, v1c], dim=-2)
-    lin = lin[..., :c] if previous_only else lin
-    total = torch.where(lin, fq_lin @ lin_keys.transpose(-1, -2), 0.0) @ lin_values  # [B, H, N, c, D + 1]
+    v1 = chunks(_with_ones(v))
+    qs, ks = chunks(q * spec.scaling), chunks(k)
+    fq_lin, fks = chunks(fq * gamma[None, :, None, None]), chunks(fk, skip=sinks)
+    log_share = torch.log1p(-gamma).repeat_interleave(n)[:, None, None].repeat(batch, 1, 1)  # [R, 1, 1]
+    offset = torch.arange(c, device=device)
+    distance = offset[:, None] - offset[None, :]  # query offset - key offset, inside a chunk
+    cur_soft, prev_soft = (distance >= 0) & (distance < window), distance + c < window  # [c, c]
+    cur_lin = (distance >= 0) & ~cur_soft
+    chunk = torch.arange(runs, device=device) % n  # each run's chunk index
+    if sinks:  # key positions < sinks are attended as sinks, so they leave the window's masks
+        not_sink = (torch.arange(padded, device=device) >= sinks).view(n, 1, c)
+        cur_soft = cur_soft & not_sink[chunk]  # [R, c, c]
+    has_prev = n > 1
+    prev_in_window = has_prev and window > 1  # else no key of the previous chunk is in a query's window
+    if prev_in_window:
+        prev_soft = prev_soft & (chunk[1:] > 0)[:, None, None]  # [R - 1, c, c]; no previous chunk: none
+        if sinks:
+            prev_soft = prev_soft & not_sink[chunk[:-1]]
 
+    total = None
     if window or sinks:
-        masked = torch.where(soft, qc @ torch.cat([previous(kc), kc], dim=-2).transpose(-1, -2), float("-inf"))
-        m = masked.amax(dim=-1, keepdim=True)
+        neg = float("-inf")
+        s_cur = (qs @ ks.transpose(-1, -2)).masked_fill(~cur_soft, neg)  # all -inf when window = 0
+        m = s_cur.detach().amax(dim=-1, keepdim=True)
+        if prev_in_window:
+            s_prev = (qs[1:] @ ks[:-1].transpose(-1, -2)).masked_fill(~prev_soft, neg)
+            m[1:] = torch.maximum(m[1:], s_prev.detach().amax(dim=-1, keepdim=True))
         if sinks:
-            sink_count = min(sinks, length)
-            sink_pos = torch.arange(sink_count, device=device)[None, None, None, None, :]
-            sink_soft = (sink_pos <= query_pos) & real[:, :sink_count].view(batch, 1, 1, 1, sink_count)
-            sink_masked = torch.where(sink_soft, qc @ k[:, :, None, :sink_count].transpose(-1, -2), float("-inf"))
-            m = torch.maximum(m, sink_masked.amax(dim=-1, keepdim=True))
-        m = m.detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        total = total + (torch.exp(masked - m) * (1 - g)) @ torch.cat([v1_previous, v1c], dim=-2)
+            s_sink = (qs.view(batch, heads, padded, -1) @ k[:, :, :sinks].transpose(-1, -2)).masked_fill(
+                torch.arange(sinks, device=device) > torch.arange(padded, device=device)[:, None], neg)
+            s_sink = s_sink.view(runs, c, sinks)
+            m = torch.maximum(m, s_sink.detach().amax(dim=-1, keepdim=True))
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - log_share
+        weights = torch.exp(s_cur - shift)
+        if window < c:  # some keys of the query's own chunk are already linear
+            weights = torch.where(cur_soft, weights, (fq_lin @ fks.transpose(-1, -2)).masked_fill(~cur_lin, 0.0))
+        total = weights @ v1
         if sinks:
-            total = total + (torch.exp(sink_masked - m) * (1 - g)) @ v1[:, :, None, :sink_count]
-
-    # Chunks 0..n-2 through [S | z] summed over them (sinks and padding excluded).
-    in_state = (real & (torch.arange(padded, device=device) >= sinks)).view(batch, 1, n, c, 1)
-    chunk_kv = ((fkc * in_state).transpose(-1, -2) @ v1c).cumsum(dim=2)  # [B, H, N, F, D + 1], through chunk n
-    kv = pad(chunk_kv, (0, 0, 0, 0, 2, 0))[:, :, :n]  # through chunk n - 2
+            total = total + (torch.exp(s_sink - shift).view(batch, heads, padded, sinks)
+                             @ _with_ones(v[:, :, :sinks])).view(runs, c, -1)
+    else:
+        total = (fq_lin @ fks.transpose(-1, -2)).masked_fill(~cur_lin, 0.0) @ v1
+    if has_prev:  # the previous chunk: linear keys, and window keys when window > 1
+        lin_prev = fq_lin[1:] @ fks[:-1].transpose(-1, -2)
+        if prev_in_window:
+            lin_prev = torch.where(prev_soft, torch.exp(s_prev - shift[1:]), lin_prev)
+        total[1:] += (lin_prev @ v1[:-1]).index_fill_(0, crossing(1), 0.0)
+    if n > 2:  # chunks 0..n-2 through [S | z] summed over them (the sinks are zeros in fks)
+        summed = (fks.transpose(-1, -2) @ v1).view(batch * heads, n, *fq_lin.shape[-1:], -1).cumsum(dim=1)
+        state = fq_lin[2:] @ summed.view(runs, *summed.shape[2:])[:-2]  # run j + 2 reads the sum through run j
+        total[2:] += state.index_fill_(0, crossing(2), 0.0)
+    total = total.view(batch, heads, padded, -1)
     if initial_state is not None:
-        kv = kv + torch.cat([initial_state[0].float(), initial_state[1].float()[..., None]], dim=-1)[:, :, None]
-    total = total + fq_lin @ kv
+        initial = torch.cat([initial_state[0].float(), initial_state[1].float()[..., None]], dim=-1)
+        total = total + fq_lin.view(batch, heads, padded, -1) @ initial
     out = total[..., :-1] / (total[..., -1:] + spec.eps)
-    return out.reshape(batch, heads, padded, -1)[:, :, :length]
+    return out[:, :, :length]
 
 
 # On CPU the quadratic form (a few large ops over [T, T]) beats the chunked one (more, smaller ops)
