@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Compiling the decode step costs seconds per model shape, and the suite decodes hundreds of tiny
+# models of different shapes: the suite runs the eager step, and test_compiled_decode.py the compiled one.
+os.environ.setdefault("LINEARIZE_COMPILE_DECODE", "0")
+
 import pytest  # noqa: E402
 from model_testing import TEACHERS, save_tiny_model_folder  # noqa: E402
 

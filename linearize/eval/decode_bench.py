@@ -42,6 +42,7 @@ from linearize.corpora import read_corpus
 from linearize.errors import UserError
 from linearize.eval.machine import machine_settings, synchronize
 from linearize.eval.perplexity import chunk_tokens
+from linearize.kernels.compiled import ENVIRONMENT_SWITCH
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
 
@@ -249,5 +250,7 @@ def run_decode_benchmark(
         "lengths": lengths, "decode_tokens": decode_tokens, "batch_sizes": batch_sizes, "batch_lengths": batch_lengths,
         "fork": {"samples": fork_samples, "prompt": fork_prompt, "new_tokens": fork_tokens} if fork_samples else None,
         "prompt": "WikiText-2 test text", **machine_settings(next(iter(models.values()))[0]),
+        # A linearized model's CPU decode step runs compiled unless this switch is 0 (linearize.kernels.compiled).
+        ENVIRONMENT_SWITCH: os.environ.get(ENVIRONMENT_SWITCH, "1"),
     }
     return {"settings": settings, "measurements": measurements, "fork": forks}

@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.pytorch_utils import Conv1D
 
 from .attention_math import (
+    RecurrentState,
     StepPlan,
     build_state,
     expand_kv_heads,
@@ -42,12 +43,16 @@ from .configuration_linearized import (
 from .feature_maps import FEATURE_MAPS
 from .linearized_cache import LinearizedCache, RecurrentStateLayer
 
-try:  # fused kernels and device dispatch, when the linearize package is installed
+try:  # fused kernels, device dispatch and the compiled CPU decode step, when linearize is installed
+    from linearize.kernels import CompiledOnCPU as _compiled_on_cpu
     from linearize.kernels import hybrid_attention as _hybrid_attention
     from linearize.kernels import hybrid_attention_decode as _hybrid_attention_decode
-except ImportError:  # an export loaded without linearize: the exact PyTorch math
+except ImportError:  # an export loaded without linearize: the exact PyTorch math, eager
     _hybrid_attention = hybrid_attention_torch
     _hybrid_attention_decode = hybrid_attention_step
+
+    def _compiled_on_cpu(fn):
+        return fn
 
 
 def token_validity_from_mask(
@@ -181,8 +186,12 @@ class LinearAttentionCore(nn.Module):
         the initial state. ``plan``: the decode step's ``StepPlan``, shared by all layers of a forward.
         """
         length, groups, spec = q.shape[2], self.num_heads // k.shape[1], self.spec
-        fq, gamma = self.feature_map_q(q), self.gamma(q.device)
         state = cache_layer.state if cache_layer is not None else None
+        if state is not None and length == 1:
+            out = self.decode(q, k, v, state, plan, valid=None if valid is None else valid[:, 0])
+            cache_layer.set_state(state, length)
+            return out
+        fq, gamma = self.feature_map_q(q), self.gamma(q.device)
         if state is None and spec.cache_size:  # the cache is chosen as the keys arrive, block by block
             initial = self.encoder_prefix_state(valid, encoder_kv, prefix_length)
             out, state = hybrid_attention_cached(
@@ -198,9 +207,6 @@ class LinearAttentionCore(nn.Module):
             )
             if cache_layer is not None:
                 state = build_state(k, v, fk, spec, valid=valid, initial_state=initial)
-        elif length == 1:
-            out = _hybrid_attention_decode(q, k, v, fq, gamma, state, spec, self.key_features,
-                                           valid=None if valid is None else valid[:, 0], plan=plan)
         else:
             out, state = hybrid_attention_continue(
                 q, k, v, fq, self.key_features(k), gamma, state, self.key_features(state.keys), spec, valid=valid,
@@ -209,6 +215,27 @@ class LinearAttentionCore(nn.Module):
         if cache_layer is not None:
             cache_layer.set_state(state, length)
         return out.to(q.dtype)
+
+    def decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RecurrentState, plan: StepPlan | None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One token per row from ``state``, which is updated in place: q [B, H, 1, d], k, v
+        [B, Hkv, 1, *], valid [B] (None: all real) -> [B, H, 1, D] in q's dtype."""
+        fq, gamma = self.feature_map_q(q), self.gamma(q.device)
+        out = _hybrid_attention_decode(q, k, v, fq, gamma, state, self.spec, self.key_features, valid=valid, plan=plan)
+        return out.to(q.dtype)
+
+    def compiles_step(self, cache_layer: RecurrentStateLayer | None, shape: torch.Size, all_tokens_real: bool,
+                      plan: StepPlan | None) -> bool:
+        """Whether the attention module runs this forward as its compiled step (``_compiled_on_cpu``): a
+        plain decode step of one row, that is one real token continuing a state, no gradients, no
+        global cache (whose choice reads the host once per block). Its shapes are static. One row only:
+        there the step's cost is the overhead of its ~50 small calls, while at batch 16 the eager step's
+        larger ops measured faster than the compiled one (README, "Speed and memory")."""
+        batch, length = shape[:2]
+        return (batch == 1 and length == 1 and all_tokens_real and plan is not None and not self.spec.cache_size
+                and cache_layer is not None and cache_layer.state is not None and not torch.is_grad_enabled())
 
     def encoder_prefix_state(
         self,
@@ -276,10 +303,12 @@ class LinearizedLlamaAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(
-            self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states)), cos, sin
-        )
-        v = self._heads(self.v_proj(hidden_states))
+        cache_layer = _layer_cache(cache, self.layer_idx)
+        if self.core.compiles_step(cache_layer, hidden_states.shape, all_tokens_real, decode_plan):
+            out = _llama_decode_step(self, hidden_states, cos, sin, cache_layer.state, decode_plan)
+            cache_layer.set_state(cache_layer.state, 1)
+            return out, None
+        q, k, v = self._project(hidden_states, cos, sin)
         encoder_kv = None
         if self.core.options.jrt:
             k_enc, _ = apply_rotary_pos_emb(self._heads(_in_own_dtype(self.k_enc_proj, hidden_states)), k, cos, sin)
@@ -294,12 +323,30 @@ class LinearizedLlamaAttention(nn.Module):
                 attention_mask, q.shape[0], q.shape[2], q.device, self.core.teacher_window
             )
         out = self.core(
-            q, k, v, valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
+            q, k, v, valid=token_validity, cache_layer=cache_layer,
             encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
             plan=decode_plan,
         )
-        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
-        return self.o_proj(out), None
+        return self.o_proj(_merge_heads(out)), None
+
+    def _project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [B, H, T, d] and keys [B, Hkv, T, d], rotated, and values [B, Hkv, T, D]."""
+        q, k = apply_rotary_pos_emb(
+            self._heads(self.q_proj(hidden_states)), self._heads(self.k_proj(hidden_states)), cos, sin
+        )
+        return q, k, self._heads(self.v_proj(hidden_states))
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    return out.transpose(1, 2).flatten(2)  # [B, H, T, d] -> [B, T, H*d]
+
+
+# A decode step as one function of the layer (an argument, so one compilation serves every layer).
+@_compiled_on_cpu
+def _llama_decode_step(attention: LinearizedLlamaAttention, hidden_states: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, state: RecurrentState, plan: StepPlan) -> torch.Tensor:
+    q, k, v = attention._project(hidden_states, cos, sin)
+    return attention.o_proj(_merge_heads(attention.core.decode(q, k, v, state, plan)))
 
 
 class LinearizedGPT2Attention(nn.Module):
@@ -340,7 +387,12 @@ class LinearizedGPT2Attention(nn.Module):
         decode_plan: StepPlan | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        q, k, v = (self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
+        cache_layer = _layer_cache(cache, self.layer_idx)
+        if self.core.compiles_step(cache_layer, hidden_states.shape, all_tokens_real, decode_plan):
+            out = _gpt2_decode_step(self, hidden_states, cache_layer.state, decode_plan)
+            cache_layer.set_state(cache_layer.state, 1)
+            return out, None
+        q, k, v = self._project(hidden_states)
         encoder_kv = None
         if self.core.options.jrt:
             encoded = _in_own_dtype(self.c_attn_enc, hidden_states)
@@ -350,12 +402,22 @@ class LinearizedGPT2Attention(nn.Module):
         elif token_validity is None:
             token_validity = token_validity_from_mask(attention_mask, q.shape[0], q.shape[2], q.device)
         out = self.core(
-            q, k, v, valid=token_validity, cache_layer=_layer_cache(cache, self.layer_idx),
+            q, k, v, valid=token_validity, cache_layer=cache_layer,
             encoder_kv=encoder_kv, prefix_length=0 if jrt_prefix_length is None else jrt_prefix_length,
             plan=decode_plan,
         )
-        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # [B, H, T, d] -> [B, T, H*d]
-        return self.resid_dropout(self.c_proj(out)), None
+        return self.resid_dropout(self.c_proj(_merge_heads(out))), None
+
+    def _project(self, hidden_states: torch.Tensor):
+        """Queries, keys and values [B, H, T, d] from the fused ``c_attn``."""
+        return tuple(self._heads(x) for x in self.c_attn(hidden_states).split(self.split_size, dim=2))
+
+
+@_compiled_on_cpu
+def _gpt2_decode_step(attention: LinearizedGPT2Attention, hidden_states: torch.Tensor, state: RecurrentState,
+                      plan: StepPlan) -> torch.Tensor:
+    q, k, v = attention._project(hidden_states)
+    return attention.resid_dropout(attention.c_proj(_merge_heads(attention.core.decode(q, k, v, state, plan))))
 
 
 class LinearizedCausalLMMixin:

@@ -3,6 +3,7 @@
 Model code calls only these functions; each picks the backend from the tensors' device.
 """
 
+from linearize.kernels.compiled import CompiledOnCPU
 from linearize.kernels.dispatch import (
     attention_output_mse,
     attention_transfer_loss,
@@ -10,4 +11,7 @@ from linearize.kernels.dispatch import (
     hybrid_attention_decode,
 )
 
-__all__ = ["attention_output_mse", "attention_transfer_loss", "hybrid_attention", "hybrid_attention_decode"]
+__all__ = [
+    "CompiledOnCPU",
+    "attention_output_mse", "attention_transfer_loss", "hybrid_attention", "hybrid_attention_decode",
+]
